@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make run` and `make test` (see README).
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.installed
+PYTHON ?= python3
+
+# No telemetry from any tool; `python` in dvc.yaml commands is the venv's.
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: run test ui bench clean-venv
+
+# Reinstall only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+ui: $(STAMP)
+	mlflow ui --host 127.0.0.1 --port 5000 \
+		--backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+		--default-artifact-root "$(CURDIR)/mlartifacts"
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m bench.bicubic_resize
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,510 @@
+"""Safe dataset downloads: https only, checksummed, retried, atomic, extracted without escapes.
+
+`download` streams one URL to a file; `extract` unpacks a zip or tar archive; `fetch`
+does both and leaves the images (or a folder inside the archive) at a target path.
+Every failure raises one `FetchError` whose one-line message names the URL or file and
+says what to do. Nothing half-written is ever left at a destination: downloads and
+extractions go to hidden temporary siblings first and are renamed into place.
+
+Archives are untrusted input. A member with an absolute path or a `..` component, a
+link pointing outside the extraction folder, a member written through a link, or a
+device file or fifo rejects the whole archive before anything is extracted; tarfile's
+"data" filter and a final check of where every extracted symlink resolves back this up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import ipaddress
+import lzma
+import os
+import posixpath
+import re
+import secrets
+import shutil
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from PIL import Image
+from tqdm import tqdm
+
+from idm.io import IMAGE_SUFFIXES
+
+_CHUNK = 1 << 20
+_USER_AGENT = "idm-pipeline-fetch/0.1 (+python urllib)"
+_RETRYABLE_4XX = (408, 429)  # request timeout, too many requests: worth another try
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# What a corrupt or truncated archive raises (NotImplementedError: unsupported zip compression).
+_ARCHIVE_ERRORS = (
+    tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError, NotImplementedError,
+)
+
+
+class FetchError(RuntimeError):
+    """A download or extraction failed; the message names the URL or file and what to do."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A known public dataset: where it lives and which folder inside it holds the HR images."""
+
+    url: str
+    sha256: str | None  # None: not published by the host, so not checked
+    subdir: str | None  # folder inside the archive holding the images; None: the whole tree
+    description: str
+
+
+def _edsr_benchmark(name: str, description: str) -> Preset:
+    """One HR set from the benchmark archive linked by the EDSR-PyTorch README (~250 MB)."""
+    return Preset(
+        url="https://cv.snu.ac.kr/research/EDSR/benchmark.tar",
+        sha256=None,
+        subdir=f"benchmark/{name}/HR",
+        description=f"{description} (EDSR benchmark archive)",
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "div2k-train-hr": Preset(
+        url="https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_train_HR.zip",
+        sha256=None,
+        subdir="DIV2K_train_HR",
+        description="DIV2K training set, 800 2K-resolution HR images (~3.5 GB)",
+    ),
+    "div2k-valid-hr": Preset(
+        url="https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_valid_HR.zip",
+        sha256=None,
+        subdir="DIV2K_valid_HR",
+        description="DIV2K validation set, 100 2K-resolution HR images (~450 MB)",
+    ),
+    "set5": _edsr_benchmark("Set5", "Set5, 5 HR images"),
+    "set14": _edsr_benchmark("Set14", "Set14, 14 HR images"),
+    "b100": _edsr_benchmark("B100", "B100 (BSD100 test split), 100 HR images"),
+    "urban100": _edsr_benchmark("Urban100", "Urban100, 100 HR images"),
+}
+
+
+class _Transient(Exception):
+    """A failure worth retrying: connection error, timeout, 5xx, truncated body."""
+
+
+# ---------------------------------------------------------------------------- urls
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str) -> None:
+    """Accept https:// URLs, and http:// only for loopback hosts; raise FetchError otherwise.
+
+    Plain http to a remote host can be tampered with in transit; file:// is refused
+    because local folders are a separate dataset source.
+    """
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 -- raises ValueError on a malformed port
+    except ValueError:
+        raise FetchError(f"refusing to download {url!r}: malformed port") from None
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+        return
+    raise FetchError(
+        f"refusing to download {url!r}: only https:// URLs are allowed (http:// only for 127.0.0.1, localhost, ::1); "
+        "use https, or a local folder source for files on disk"
+    )
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to URLs that pass `check_url` (no https -> http downgrade)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        try:
+            check_url(newurl)
+        except FetchError:
+            fp.close()
+            raise FetchError(f"{req.full_url} redirects to {newurl!r}, which is not https; use an https URL") from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    # Loopback never goes through a proxy; other hosts use urllib's usual proxy settings.
+    host = urllib.parse.urlsplit(url).hostname or ""
+    handlers: list[urllib.request.BaseHandler] = [_CheckedRedirects()]
+    if _is_loopback(host):
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(getattr(err, "reason", None) or err).split())
+    return text or type(err).__name__
+
+
+def _normalise_sha256(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    value = sha256.strip().lower()
+    if not _SHA256.fullmatch(value):
+        raise FetchError(f"sha256 {sha256!r} is not 64 hex digits; fix or remove it")
+    return value
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    """A fresh hidden name beside `path` (same filesystem, so a rename onto `path` is atomic)."""
+    return path.parent / f".{path.name}.{tag}-{secrets.token_hex(4)}"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------ download
+
+
+def _stream(
+    response: http.client.HTTPResponse, out: BinaryIO, total: int | None, label: str, progress: bool
+) -> tuple[str, int]:
+    """Copy the body into `out`; return (sha256 hex, bytes received)."""
+    digest, received = hashlib.sha256(), 0
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not progress, leave=False)
+    with bar:
+        while chunk := response.read(_CHUNK):
+            try:
+                out.write(chunk)
+            except OSError as err:  # a full disk is not worth retrying
+                raise FetchError(f"cannot write {out.name} ({_one_line(err)}); free some disk space and retry") from err
+            digest.update(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest(), received
+
+
+def _attempt(url: str, out: BinaryIO, label: str, *, timeout: float, progress: bool, by_hand: str) -> str:
+    """One GET of `url` streamed into `out`; return its sha256. Raises _Transient if retryable."""
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    try:
+        with _opener(url).open(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            digest, received = _stream(response, out, total, label, progress)
+    except urllib.error.HTTPError as err:
+        err.close()
+        if err.code >= 500 or err.code in _RETRYABLE_4XX:
+            raise _Transient(f"HTTP {err.code} {err.reason}") from err
+        raise FetchError(f"cannot download {url} (HTTP {err.code} {err.reason}); check the URL, or {by_hand}") from err
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        raise _Transient(_one_line(err)) from err
+    # http.client returns a short body without complaint when the server hangs up early.
+    if total is not None and received < total:
+        raise _Transient(f"truncated: got {received} of {total} bytes")
+    return digest
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    retries: int = 3,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+    progress: bool = True,
+    by_hand: str | None = None,
+) -> Path:
+    """Download `url` to `dest` atomically and return `dest`.
+
+    The body is streamed to a hidden temporary file beside `dest`, checked against
+    `sha256` (hex, when given) and renamed onto `dest`, so `dest` is never partial.
+    Connection errors, timeouts (`timeout` seconds per socket operation), HTTP 5xx/408/429
+    and truncated bodies are retried `retries` more times, waiting `backoff * 2**k` s;
+    other 4xx errors and checksum mismatches fail at once. `by_hand` is the advice the
+    error gives when the host cannot be reached (default: put the file at `dest` by hand).
+    """
+    check_url(url)
+    expected = _normalise_sha256(sha256)
+    if retries < 0 or backoff < 0 or timeout <= 0:
+        raise FetchError(f"need retries >= 0, backoff >= 0, timeout > 0; got {retries}, {backoff}, {timeout}")
+    dest = Path(dest)
+    if dest.is_dir():
+        raise FetchError(f"cannot download {url} to {dest}: it is a folder; give a file path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    by_hand = by_hand or f"download it by hand and put it at {dest}"
+    tmp = _sibling(dest, "part")
+    try:
+        with open(tmp, "xb") as out:
+            actual = _download_to(
+                out, url, dest.name,
+                retries=retries, backoff=backoff, timeout=timeout, progress=progress, by_hand=by_hand,
+            )
+        if expected is not None and actual != expected:
+            raise FetchError(
+                f"checksum mismatch for {url}: expected sha256 {expected}, got {actual}; "
+                "the file is corrupt or changed upstream, fix the URL or the sha256"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _download_to(
+    out: BinaryIO, url: str, label: str, *, retries: int, backoff: float, timeout: float, progress: bool, by_hand: str
+) -> str:
+    """Try `_attempt` up to `retries + 1` times, waiting `backoff * 2**k` s between; return the sha256."""
+    for k in range(retries + 1):
+        if k:
+            time.sleep(backoff * 2 ** (k - 1))
+        out.seek(0)
+        out.truncate()  # a retry starts from scratch: servers need not support ranges
+        try:
+            return _attempt(url, out, label, timeout=timeout, progress=progress, by_hand=by_hand)
+        except _Transient as err:
+            reason = str(err)
+    raise FetchError(f"cannot download {url} ({reason}; {retries + 1} attempts); {by_hand}")
+
+
+# ------------------------------------------------------------------------- extract
+
+
+def _member_path(name: str, archive: Path) -> PurePosixPath:
+    """Validate an archive member name and return it as a relative path."""
+    clean = name.replace("\\", "/")
+    if clean.startswith("/") or re.match(r"[A-Za-z]:", clean):
+        raise FetchError(f"{archive} has a member with an absolute path {name!r}; refusing to extract it")
+    # Any '..' is refused, even one that stays inside: data archives never need it.
+    if ".." in clean.split("/"):
+        raise FetchError(f"{archive} has a member with '..' in its path {name!r}; refusing to extract it")
+    return PurePosixPath(clean)
+
+
+def _check_link(member: tarfile.TarInfo, path: PurePosixPath, links: set[PurePosixPath], archive: Path) -> None:
+    """Refuse a symlink or hardlink whose target is absolute, escapes, or passes through a link."""
+    link = member.linkname.replace("\\", "/")
+    base = path.parent if member.issym() else PurePosixPath()  # hardlinks are relative to the root
+    resolved = posixpath.normpath(str(base / link))
+    escapes = link.startswith("/") or resolved == ".." or resolved.startswith("../")
+    through = any(p in links for p in (PurePosixPath(resolved), *PurePosixPath(resolved).parents))
+    if escapes or (member.islnk() and through):
+        raise FetchError(
+            f"{archive} has a link {member.name!r} -> {member.linkname!r} outside the archive; refusing to extract it"
+        )
+
+
+def _check_tar(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
+    """Vet every member before anything is written; return them."""
+    members = tar.getmembers()  # reads to the end: a truncated archive fails here
+    links: set[PurePosixPath] = set()
+    for member in members:
+        path = _member_path(member.name, archive)
+        if any(parent in links for parent in path.parents):
+            raise FetchError(f"{archive} writes {member.name!r} through a link; refusing to extract it")
+        if member.issym() or member.islnk():
+            _check_link(member, path, links, archive)
+            links.add(path)
+        elif not (member.isfile() or member.isdir()):
+            raise FetchError(f"{archive} has a device file or fifo {member.name!r}; refusing to extract it")
+    return members
+
+
+def _check_symlinks_inside(root: Path, archive: Path) -> None:
+    """After extraction: every symlink must resolve inside `root` (catches link chains)."""
+    real_root = os.path.realpath(root)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+                raise FetchError(f"{archive} has a link {os.path.relpath(path, root)!r} resolving outside the archive")
+
+
+def _extract_into(archive: Path, folder: Path) -> None:
+    """Unpack a zip or tar archive into the existing empty `folder` after vetting every member."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                _member_path(name, archive)
+            # zipfile writes link and device entries as plain files, so names are all to vet.
+            zf.extractall(folder)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            members = _check_tar(tar, archive)
+            data_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(folder, members=members, **data_filter)
+        if any(m.issym() for m in members):
+            _check_symlinks_inside(folder, archive)
+    else:
+        raise FetchError(f"{archive} is not a zip or tar archive (or is truncated); delete it and download it again")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Rename `source` onto `target`, swapping an existing `target` out only once `source` is ready.
+
+    POSIX has no atomic swap of two folders: between the two renames `target` is briefly
+    absent, but it never holds a mix of old and new content.
+    """
+    if not target.exists() and not target.is_symlink():
+        os.rename(source, target)
+        return
+    backup = _sibling(target, "old")
+    os.rename(target, backup)
+    try:
+        os.rename(source, target)
+    except OSError:
+        os.rename(backup, target)
+        raise
+    _remove(backup)
+
+
+def extract(archive: Path, target: Path) -> Path:
+    """Extract a zip or tar (.gz, .bz2, .xz) archive to the folder `target` and return it.
+
+    The format is detected from the content. Extraction goes to a hidden folder beside
+    `target`, which is renamed into place only on success: an existing `target` is
+    replaced then, and left as it was on any failure. Unsafe members (see the module
+    docstring), a corrupt or truncated archive, or a file that is no archive raise
+    FetchError and leave nothing behind.
+    """
+    archive, target = Path(archive), Path(target)
+    if not archive.is_file():
+        raise FetchError(f"archive {archive} does not exist; download it first")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(target, "extract")
+    staging.mkdir()
+    try:
+        try:
+            _extract_into(archive, staging)
+        except _ARCHIVE_ERRORS as err:
+            raise FetchError(
+                f"cannot extract {archive} ({_one_line(err)}); it may be truncated or corrupt, "
+                "delete it and download it again"
+            ) from err
+        _replace(staging, target)
+    finally:
+        _remove(staging)
+    return target
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+def _url_filename(url: str) -> str:
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+    if name in ("", ".", ".."):
+        raise FetchError(f"cannot tell a file name from {url}; use a URL that ends in the file name")
+    return name
+
+
+def _is_archive(path: Path) -> bool:
+    return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+
+
+def _folders(root: Path, depth: int = 3, limit: int = 12) -> list[str]:
+    """Up to `limit` folders under `root`, `depth` levels deep, as relative paths."""
+    found = (p.relative_to(root) for p in root.rglob("*") if p.is_dir())
+    return sorted(p.as_posix() for p in found if len(p.parts) <= depth)[:limit]
+
+
+def _place_archive(archive: Path, target: Path, subdir: str | None, work: Path) -> None:
+    """Extract `archive` and move `subdir` of it (or all of it) onto `target`."""
+    tree = extract(archive, work / "tree")
+    source = tree
+    if subdir:
+        if subdir.startswith("/") or ".." in subdir.replace("\\", "/").split("/"):
+            raise FetchError(f"subdir {subdir!r} must be a relative path inside the archive, without '..'")
+        source = tree / subdir
+        if not source.is_dir() or source.is_symlink():
+            raise FetchError(f"{archive} has no folder {subdir!r}; folders found: {_folders(tree)}; fix subdir")
+    _replace(source, target)
+
+
+def _place_image(image: Path, target: Path, work: Path) -> None:
+    """Copy the single image file to target/<name>; other files in `target` are kept."""
+    try:
+        with Image.open(image) as img:
+            img.verify()
+    except Exception as err:  # Pillow raises many types for bad data
+        raise FetchError(f"{image} is not a readable image ({_one_line(err)}); check the URL") from err
+    if target.exists() and not target.is_dir():
+        raise FetchError(f"{target} exists and is not a folder; remove it or choose another target")
+    staged = work / "single"
+    staged.mkdir()
+    shutil.copyfile(image, staged / image.name)
+    if target.is_dir():
+        os.replace(staged / image.name, target / image.name)
+    else:
+        os.rename(staged, target)
+
+
+def fetch(
+    url: str,
+    target: Path,
+    *,
+    sha256: str | None = None,
+    subdir: str | None = None,
+    cache_dir: Path | None = None,
+    retries: int = 3,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Download `url` and leave its images at the folder `target`; return `target`.
+
+    An archive is extracted and its folder `subdir` (or the whole tree) becomes `target`,
+    replacing what was there. A single image becomes target/<file name>. With
+    `cache_dir`, the download is kept at cache_dir/<file name> and reused next time when
+    its sha256 matches (or, with no `sha256` given, whenever it is present: downloads are
+    atomic, so a cached file is complete). On failure `target` is left unchanged.
+    """
+    check_url(url)
+    target = Path(target)
+    name = _url_filename(url)
+    expected = _normalise_sha256(sha256)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = _sibling(target, "fetch")
+    work.mkdir()
+    try:
+        file = Path(cache_dir or work) / name
+        if not (file.is_file() and (expected is None or file_sha256(file) == expected)):
+            # Without a cache the download lands in a temporary folder: no use telling the user to put it there.
+            by_hand = None if cache_dir else f"download it by hand and pass a cache_dir holding {name}"
+            download(url, file, sha256=expected, retries=retries, backoff=backoff, timeout=timeout,
+                     progress=progress, by_hand=by_hand)
+        if _is_archive(file):
+            _place_archive(file, target, subdir, work)
+        elif subdir:
+            raise FetchError(f"{url} is not an archive, so subdir {subdir!r} cannot apply; remove subdir")
+        elif file.suffix.lower() in IMAGE_SUFFIXES:
+            _place_image(file, target, work)
+        else:
+            kinds = ", ".join(IMAGE_SUFFIXES)
+            raise FetchError(f"{url} is neither a zip/tar archive nor an image ({kinds}); check the URL")
+    finally:
+        _remove(work)
+    return target

@@ -1,0 +1,1 @@
+"""The IDM pipeline: params, DVC stage entry points, MLflow tracking and Prefect flows."""

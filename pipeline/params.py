@@ -1,0 +1,221 @@
+"""The one reader of params.yaml: each section becomes a frozen, validated dataclass.
+
+An unknown or misspelt key, a value of the wrong type or out of range raises
+ParamsError naming the key, so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS_FILE = ROOT / "params.yaml"
+
+SOURCES = ("skimage", "folder", "url")
+METHODS = ("bicubic",)
+DEVICES = ("auto", "cpu", "cuda")
+
+# The RGB photographs scikit-image ships in its wheel (no network needed).
+SKIMAGE_IMAGES = (
+    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+    "immunohistochemistry", "retina", "colorwheel", "motorcycle_left", "motorcycle_right",
+)
+
+
+class ParamsError(ValueError):
+    """params.yaml is malformed: the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    """One dataset: where its images come from and how much of it is held out for testing."""
+
+    name: str
+    source: str
+    path: str | None = None  # folder source: a directory of images (relative to the project root)
+    url: str | None = None  # url source: an https file or archive ...
+    preset: str | None = None  # ... or a named preset (idm.fetch.PRESETS)
+    sha256: str | None = None
+    subdir: str | None = None  # folder inside an archive that holds the images
+    images: tuple[str, ...] = SKIMAGE_IMAGES  # skimage source: which images
+    test_fraction: float = 1.0  # 1.0: a test set only; 0.0: training only
+    test_crop: int = 0  # centre-crop test HR images to at most this side (0: whole image)
+
+    def __post_init__(self) -> None:
+        where = f"datasets[{self.name}]"
+        _check(self.name.replace("-", "").replace("_", "").isalnum(), f"{where}.name", "letters, digits, - and _ only")
+        _check(self.source in SOURCES, f"{where}.source", f"one of {list(SOURCES)}, got {self.source!r}")
+        _check(0.0 <= self.test_fraction <= 1.0, f"{where}.test_fraction", f"a number in [0, 1], got {self.test_fraction}")
+        _check(self.test_crop >= 0, f"{where}.test_crop", f"an integer >= 0, got {self.test_crop}")
+        if self.source == "folder":
+            _check(bool(self.path), f"{where}.path", "a directory of images for source 'folder'")
+        if self.source == "url":
+            _check(bool(self.url) != bool(self.preset), f"{where}.url", "exactly one of 'url' or 'preset' for source 'url'")
+        if self.source == "skimage":
+            unknown = sorted(set(self.images) - set(SKIMAGE_IMAGES))
+            _check(not unknown, f"{where}.images", f"names from {list(SKIMAGE_IMAGES)}, got unknown {unknown}")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    """How LR/HR test pairs are made."""
+
+    scales: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)  # in-distribution evaluation scales
+    ood_scales: tuple[float, ...] = (6.0, 8.0, 12.0)  # out-of-distribution evaluation scales
+    seed: int = 0  # train/test split
+
+    def __post_init__(self) -> None:
+        for key in ("scales", "ood_scales"):
+            for s in getattr(self, key):
+                _check(math.isfinite(s) and s > 1.0, f"prepare.{key}", f"finite numbers > 1, got {s}")
+        _check(len(self.scales) > 0, "prepare.scales", "at least one scale")
+        overlap = sorted(set(self.scales) & set(self.ood_scales))
+        _check(not overlap, "prepare.ood_scales", f"scales not also listed in prepare.scales, got {overlap}")
+
+    @property
+    def all_scales(self) -> tuple[float, ...]:
+        return tuple(sorted(self.scales + self.ood_scales))
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Which methods run and which metrics are computed."""
+
+    methods: tuple[str, ...] = ("bicubic",)
+    device: str = "auto"
+    lpips: bool = True
+    fid: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        _check(self.methods and not unknown, "evaluate.methods", f"a non-empty list from {list(METHODS)}, got {list(self.methods)}")
+        _check(self.device in DEVICES, "evaluate.device", f"one of {list(DEVICES)}, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    """What the report shows."""
+
+    crop: int = 96  # side of the HR crop shown in visual grids
+    grid_scales: tuple[float, ...] = (4.0, 8.0)
+
+    def __post_init__(self) -> None:
+        _check(self.crop >= 8, "report.crop", f"an integer >= 8, got {self.crop}")
+
+
+@dataclass(frozen=True)
+class Params:
+    datasets: tuple[DatasetParams, ...]
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    report: ReportParams = field(default_factory=ReportParams)
+
+    def __post_init__(self) -> None:
+        _check(len(self.datasets) > 0, "datasets", "at least one dataset")
+        names = [d.name for d in self.datasets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        _check(not dupes, "datasets", f"unique names, got duplicates {dupes}")
+
+    def dataset(self, name: str) -> DatasetParams:
+        for d in self.datasets:
+            if d.name == name:
+                return d
+        raise ParamsError(f"no dataset named {name!r}; params.yaml has {[d.name for d in self.datasets]}")
+
+
+def _check(ok: bool, key: str, expected: str) -> None:
+    if not ok:
+        raise ParamsError(f"params.yaml: {key} must be {expected}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        return _coerce(value, next(t for t in options if t is not type(None)), key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"params.yaml: {key} must be a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ParamsError(f"params.yaml: {key} must be of type {tp.__name__}, got {value!r}")
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from mapping `data`, failing on unknown keys and bad types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"params.yaml: {where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown key {where}.{unknown[0]}; allowed keys: {sorted(fields)}")
+    values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as err:  # a required key is missing
+        raise ParamsError(f"params.yaml: {where}: {err}") from None
+
+
+def parse(raw: Any) -> Params:
+    """Validate a params mapping (as loaded from YAML) into `Params`."""
+    if not isinstance(raw, dict):
+        raise ParamsError("params.yaml must be a mapping of sections")
+    sections = {"datasets", "prepare", "evaluate", "report"}
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown section {unknown[0]!r}; allowed sections: {sorted(sections)}")
+    datasets = raw.get("datasets")
+    if not isinstance(datasets, list):
+        raise ParamsError("params.yaml: datasets must be a list of datasets")
+    return Params(
+        datasets=tuple(build(DatasetParams, d, f"datasets[{i}]") for i, d in enumerate(datasets)),
+        prepare=build(PrepareParams, raw.get("prepare"), "prepare"),
+        evaluate=build(EvaluateParams, raw.get("evaluate"), "evaluate"),
+        report=build(ReportParams, raw.get("report"), "report"),
+    )
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    return parse(raw)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten params into {"prepare.scales": "(2.0, ...)", ...} for MLflow."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(obj, (list, tuple)) and obj and all(isinstance(v, dict) for v in obj):
+        for v in obj:
+            out.update(flatten(v, f"{prefix}{v.get('name', len(out))}."))
+    else:
+        out[prefix.rstrip(".")] = obj
+    return out

@@ -1,0 +1,130 @@
+"""evaluate stage: run each method over every test pair; write metrics and log them to MLflow.
+
+Outputs: data/sr/<method>/<dataset>/x<scale>/<image>.png (the SR images),
+reports/metrics.json (DVC metrics), reports/scales.csv (DVC plots: one row per
+method x dataset x scale), reports/per_image.csv, and one MLflow run per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from idm import metrics
+from idm.device import resolve_device
+from idm.evaluate import ALL_METRICS, fid_by_group, metric_name, run_method, summarize
+from idm.io import atomic_path
+from idm.methods import Bicubic, Method
+from pipeline.params import ROOT, EvaluateParams, Params, flatten, load
+from pipeline.stages import run, staged_dir
+
+
+def build_methods(names: tuple[str, ...]) -> list[Method]:
+    builders = {"bicubic": Bicubic}
+    return [builders[name]() for name in names]
+
+
+def load_scorers(cfg: EvaluateParams, device: str) -> tuple[metrics.LPIPS | None, bool, dict[str, str]]:
+    """LPIPS scorer (or None), whether FID can run, and why any metric is unavailable."""
+    unavailable: dict[str, str] = {}
+    lpips = None
+    if not cfg.lpips:
+        unavailable["lpips"] = "disabled in params.yaml (evaluate.lpips: false)"
+    else:
+        try:
+            lpips = metrics.LPIPS(device=device)
+        except metrics.MetricUnavailable as err:
+            unavailable["lpips"] = str(err)
+    fid_ok = False
+    if not cfg.fid:
+        unavailable["fid"] = "disabled in params.yaml (evaluate.fid: false)"
+    else:
+        try:
+            metrics.FID(device=device)
+            fid_ok = True
+        except metrics.MetricUnavailable as err:
+            unavailable["fid"] = str(err)
+    return lpips, fid_ok, unavailable
+
+
+def metrics_dict(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """{method: {"psnr_y.Set5.x4": 28.4, ...}} from the per-scale table (NaN left out)."""
+    out: dict[str, dict[str, float]] = {}
+    for row in table.itertuples(index=False):
+        named = out.setdefault(row.method, {})
+        for metric in ALL_METRICS:
+            value = getattr(row, metric, float("nan"))
+            if value is not None and math.isfinite(value):
+                named[metric_name(metric, row.dataset, row.scale)] = round(float(value), 6)
+    return out
+
+
+def log_to_mlflow(params: Params, table: pd.DataFrame, numbers: dict, unavailable: dict[str, str], scales_csv: Path) -> None:
+    """One MLflow run per method: flat metrics, a per-scale series (step = 10 x scale), tags."""
+    import mlflow
+
+    datasets = ",".join(sorted(table.dataset.unique()))
+    for method, named in numbers.items():
+        tags = {"method": method, "datasets": datasets, **{f"unavailable.{k}": v[:5000] for k, v in unavailable.items()}}
+        with mlflow_run(params, tags):
+            mlflow.log_metrics(named)
+            for row in table[table.method == method].itertuples(index=False):
+                series = {f"{m}.{row.dataset}": float(getattr(row, m)) for m in ALL_METRICS
+                          if m in table and math.isfinite(getattr(row, m))}
+                mlflow.log_metrics(series, step=round(10 * row.scale))
+            mlflow.log_artifact(str(scales_csv))
+
+
+def mlflow_run(params: Params, tags: dict[str, str]):
+    from pipeline.tracking import stage_run
+
+    return stage_run("evaluate", tags=tags, params=flatten(params))
+
+
+def write_outputs(table: pd.DataFrame, per_image: pd.DataFrame, numbers: dict, unavailable: dict, args: argparse.Namespace) -> None:
+    for path, text in (
+        (args.metrics, json.dumps({**numbers, "unavailable": unavailable}, indent=2, sort_keys=True) + "\n"),
+        (args.scales, table.to_csv(index=False, float_format="%.6g")),
+        (args.per_image, per_image.to_csv(index=False, float_format="%.6g")),
+    ):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared")
+    parser.add_argument("--sr-out", type=Path, default=ROOT / "data" / "sr")
+    parser.add_argument("--metrics", type=Path, default=ROOT / "reports" / "metrics.json")
+    parser.add_argument("--scales", type=Path, default=ROOT / "reports" / "scales.csv")
+    parser.add_argument("--per-image", type=Path, default=ROOT / "reports" / "per_image.csv")
+    args = parser.parse_args()
+    params = load(args.params)
+    manifest = pd.read_csv(args.prepared / "manifest.csv")
+    pairs = manifest[manifest.split == "test"]
+    if pairs.empty:
+        raise ValueError(f"{args.prepared / 'manifest.csv'}: no test pairs (every dataset has test_fraction 0?)")
+    device = str(resolve_device(params.evaluate.device))
+    lpips, fid_ok, unavailable = load_scorers(params.evaluate, device)
+    with staged_dir(args.sr_out) as sr_dir:
+        per_image = pd.concat([run_method(m, pairs, args.prepared, out_dir=sr_dir, lpips=lpips)
+                               for m in build_methods(params.evaluate.methods)], ignore_index=True)
+        table = summarize(per_image)
+        if fid_ok:
+            fid, fid_missing = fid_by_group(per_image, args.prepared, sr_dir, lambda: metrics.FID(device=device))
+            table["fid"] = [fid.get((r.method, r.dataset, r.scale), float("nan")) for r in table.itertuples()]
+            unavailable.update(fid_missing)
+    numbers = metrics_dict(table)
+    write_outputs(table, per_image, numbers, unavailable, args)
+    log_to_mlflow(params, table, numbers, unavailable, args.scales)
+    for key, reason in unavailable.items():
+        print(f"unavailable: {key}: {reason}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,53 @@
+"""report stage: reports/report.md with tables, a PSNR-vs-scale plot and visual grids."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from idm.datasets import scale_tag
+from idm.io import atomic_path
+from pipeline.params import ROOT, load
+from pipeline.reporting import plot_psnr_vs_scale, render_markdown, visual_grid
+from pipeline.stages import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared")
+    parser.add_argument("--sr", type=Path, default=ROOT / "data" / "sr")
+    parser.add_argument("--reports", type=Path, default=ROOT / "reports")
+    args = parser.parse_args()
+    params = load(args.params)
+    table = pd.read_csv(args.reports / "scales.csv")
+    per_image = pd.read_csv(args.reports / "per_image.csv")
+    unavailable = json.loads((args.reports / "metrics.json").read_text()).get("unavailable", {})
+
+    plot = args.reports / "psnr_vs_scale.png"
+    plot_psnr_vs_scale(table, plot)
+    grids = []
+    for dataset in sorted(table.dataset.unique()):
+        for scale in params.report.grid_scales:
+            grid = args.reports / "grids" / f"{dataset}_{scale_tag(scale)}.png"
+            if visual_grid(per_image, args.prepared, args.sr, dataset, scale, params.report.crop, grid):
+                grids.append(grid)
+    report = args.reports / "report.md"
+    with atomic_path(report) as tmp:
+        tmp.write_text(render_markdown(table, unavailable, grids, plot, report))
+    print(f"wrote {report} with {len(grids)} visual grids")
+
+    import mlflow
+
+    from pipeline.tracking import stage_run
+
+    with stage_run("report", tags={"datasets": ",".join(sorted(table.dataset.unique()))}):
+        for path in [report, plot, *grids]:
+            mlflow.log_artifact(str(path), artifact_path="report" if path.parent == args.reports else "report/grids")
+
+
+if __name__ == "__main__":
+    run(main)

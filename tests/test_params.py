@@ -1,0 +1,89 @@
+"""params.yaml parsing: defaults load, typos and bad values fail naming the key."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from pipeline import params as P
+
+BASE = {"datasets": [{"name": "tiny", "source": "folder", "path": "imgs"}]}
+
+
+def parse(**sections):
+    return P.parse({**BASE, **sections})
+
+
+def test_default_params_file_loads():
+    p = P.load()
+    assert p.datasets[0].source == "skimage"
+    assert {2.0, 3.0, 4.0} <= set(p.prepare.scales)
+    assert any(s != int(s) for s in p.prepare.scales), "a non-integer scale is evaluated by default"
+    assert {6.0, 8.0, 12.0} <= set(p.prepare.ood_scales)
+    assert p.evaluate.device == "auto"
+
+
+def test_values_are_converted_and_frozen():
+    p = parse(prepare={"scales": [2, 2.5], "ood_scales": [8]})
+    assert p.prepare.scales == (2.0, 2.5) and isinstance(p.prepare.scales[0], float)
+    assert p.prepare.all_scales == (2.0, 2.5, 8.0)
+    with pytest.raises(AttributeError):
+        p.prepare.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({**BASE, "prepare": {"scale": [2]}}, "unknown key prepare.scale"),
+        ({**BASE, "evaluat": {}}, "unknown section 'evaluat'"),
+        ({"datasets": [{"name": "a", "source": "folder", "path": "x", "test_fracton": 1}]}, "unknown key datasets[0].test_fracton"),
+        ({**BASE, "prepare": {"scales": [1]}}, "prepare.scales must be finite numbers > 1, got 1.0"),
+        ({**BASE, "prepare": {"scales": [0.5]}}, "prepare.scales must be finite numbers > 1"),
+        ({**BASE, "prepare": {"scales": [math.nan]}}, "got nan"),
+        ({**BASE, "prepare": {"ood_scales": [math.inf]}}, "got inf"),
+        ({**BASE, "prepare": {"scales": ["two"]}}, "prepare.scales[0] must be of type float"),
+        ({**BASE, "prepare": {"seed": 1.5}}, "prepare.seed must be of type int"),
+        ({**BASE, "prepare": {"seed": True}}, "prepare.seed must be of type int"),
+        ({**BASE, "prepare": {"scales": [2], "ood_scales": [2]}}, "not also listed"),
+        ({"datasets": [{"name": "a", "source": "ftp"}]}, "source must be one of ['skimage', 'folder', 'url']"),
+        ({"datasets": [{"name": "a", "source": "folder"}]}, "datasets[a].path"),
+        ({"datasets": [{"name": "a", "source": "url"}]}, "exactly one of 'url' or 'preset'"),
+        ({"datasets": [{"name": "a", "source": "skimage", "images": ["lena"]}]}, "unknown ['lena']"),
+        ({"datasets": [BASE["datasets"][0], BASE["datasets"][0]]}, "duplicates ['tiny']"),
+        ({"datasets": []}, "at least one dataset"),
+        ({**BASE, "evaluate": {"methods": ["nearest"]}}, "evaluate.methods must be a non-empty list from ['bicubic']"),
+        ({**BASE, "evaluate": {"device": "tpu"}}, "evaluate.device must be one of ['auto', 'cpu', 'cuda']"),
+        ({"datasets": [{"source": "skimage"}]}, "datasets[0]"),
+        ([1, 2], "must be a mapping"),
+    ],
+)
+def test_bad_params_name_the_key(raw, message):
+    with pytest.raises(P.ParamsError) as err:
+        P.parse(raw)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_load_reports_yaml_errors_and_missing_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("datasets: [unclosed\n")
+    with pytest.raises(P.ParamsError, match="not valid YAML"):
+        P.load(bad)
+    with pytest.raises(P.ParamsError, match="no such params file"):
+        P.load(tmp_path / "missing.yaml")
+
+
+def test_yaml_nan_scale_is_rejected(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "prepare:\n  scales: [.nan]\n")
+    with pytest.raises(P.ParamsError, match="finite numbers > 1, got nan"):
+        P.load(path)
+
+
+def test_flatten_names_datasets():
+    flat = P.flatten(parse())
+    assert flat["datasets.tiny.source"] == "folder"
+    assert flat["prepare.seed"] == 0
+    assert flat["evaluate.methods"] == ("bicubic",)
