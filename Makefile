@@ -32,7 +32,7 @@ ui: $(STAMP)
 		--default-artifact-root "$(CURDIR)/mlartifacts"
 
 bench: $(STAMP)
-	$(VENV)/bin/python -m bench.bicubic_resize
+	$(VENV)/bin/python -m bench.resize
 
 clean-venv:
 	rm -rf $(VENV)
