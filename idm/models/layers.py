@@ -1,0 +1,92 @@
+"""Building blocks shared by the LR encoder and the denoising UNet (SR3 style)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# SR3 feeds sqrt(alpha_bar) in (0, 1] to a sinusoidal encoding; scaling it first (as
+# WaveGrad does) spreads nearby noise levels over many periods so the net can tell
+# them apart.
+NOISE_LEVEL_SCALE = 1000.0
+
+
+def conv3x3(in_ch: int, out_ch: int, *, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution, padding 1: keeps the size at stride 1, gives ceil(n / 2) at stride 2."""
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1)
+
+
+class NoiseEmbedding(nn.Module):
+    """Sinusoidal encoding of the continuous noise level, then an MLP (SR3).
+
+    noise_level: (B,) = sqrt(alpha_bar) in (0, 1]. Returns (B, dim).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, noise_level: Tensor) -> Tensor:
+        half = self.dim // 2
+        # Transformer positional encoding with a continuous position (SR3, WaveGrad).
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=noise_level.device) / half)
+        angles = NOISE_LEVEL_SCALE * noise_level.float()[:, None] * freqs[None, :]
+        enc = F.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, self.dim % 2))
+        return self.mlp(enc.to(self.mlp[0].weight.dtype))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-Swish-Conv twice, the noise embedding added in between, plus a skip.
+
+    x: (B, in_ch, H, W), emb: (B, emb_dim). Returns (B, out_ch, H, W).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, emb_dim: int, groups: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = conv3x3(in_ch, out_ch)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv3x3(out_ch, out_ch)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over all pixels, with a residual. x: (B, C, H, W)."""
+
+    def __init__(self, channels: int, *, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
+        y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Blur(nn.Module):
+    """Per-channel [1, 2, 1] x [1, 2, 1] / 16 low-pass filter; keeps the size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16)[None, None], persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        return F.conv2d(padded, self.kernel.to(x.dtype).expand(c, 1, 3, 3), groups=c)
