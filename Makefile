@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test ui bench clean-venv
+.PHONY: run test ui serve bench clean-venv
 
 # Reinstall only when pyproject.toml is newer than the stamp.
 $(STAMP): pyproject.toml
@@ -30,6 +30,10 @@ ui: $(STAMP)
 	mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlartifacts"
+
+# Prefect server + MLflow UI on 127.0.0.1, scheduled retrain/evaluate flows; Ctrl-C stops all.
+serve: $(STAMP)
+	$(VENV)/bin/python -m pipeline.serve
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.resize

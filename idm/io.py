@@ -88,6 +88,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o644)  # mkstemp makes it private; outputs are meant to be shared
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

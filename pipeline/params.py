@@ -16,11 +16,15 @@ from typing import Any
 
 import yaml
 
+from idm.config import MODEL_PRESETS, DiffusionConfig, ModelConfig
+from idm.sampling import SAMPLERS
+from idm.train import TrainConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = ROOT / "params.yaml"
 
 SOURCES = ("skimage", "folder", "url")
-METHODS = ("bicubic",)
+METHODS = ("bicubic", "idm")
 DEVICES = ("auto", "cpu", "cuda")
 
 # The RGB photographs scikit-image ships in its wheel (no network needed).
@@ -112,11 +116,75 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class SampleParams:
+    """How IDM samples at evaluation and in `idm upscale`."""
+
+    sampler: str = "ddim"  # one of idm.sampling.SAMPLERS
+    steps: int = 20  # network evaluations per image (spaced over the schedule)
+    eta: float = 0.0  # 0: deterministic DDIM; 1: ancestral-like
+    seed: int = 0  # initial noise, per image
+
+    def __post_init__(self) -> None:
+        _check(self.sampler in SAMPLERS, "sample.sampler", f"one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        _check(self.steps >= 1, "sample.steps", f"an integer >= 1, got {self.steps}")
+        _check(math.isfinite(self.eta) and self.eta >= 0, "sample.eta", f"a number >= 0, got {self.eta}")
+
+
+@dataclass(frozen=True)
+class TrainStageParams:
+    """Where the train stage runs (the training recipe itself is idm.train.TrainConfig)."""
+
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0: torch's default
+
+    def __post_init__(self) -> None:
+        _check(self.device in DEVICES, "train.device", f"one of {list(DEVICES)}, got {self.device!r}")
+        _check(self.threads >= 0, "train.threads", f"an integer >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class PromotionParams:
+    """The gate a retrained candidate must pass to become `champion`."""
+
+    metric: str = "psnr_y"  # higher is better
+    min_improvement: float = 0.05  # mean over in-distribution scales, all test sets (dB)
+    max_drop: float = 0.2  # no single dataset x scale may drop by more (dB)
+
+    def __post_init__(self) -> None:
+        allowed = ("psnr_y", "psnr_rgb", "ssim_y", "ssim_rgb")
+        _check(self.metric in allowed, "promotion.metric", f"one of {list(allowed)}, got {self.metric!r}")
+        _check(math.isfinite(self.min_improvement), "promotion.min_improvement", "a finite number")
+        _check(math.isfinite(self.max_drop) and self.max_drop >= 0, "promotion.max_drop", "a finite number >= 0")
+
+
+@dataclass(frozen=True)
+class ScheduleParams:
+    """Cron schedules of the served retrain and evaluate flows."""
+
+    retrain_cron: str = "0 3 * * 0"
+    evaluate_cron: str = "0 6 * * *"
+    evaluate_drop_tolerance: float = 0.1  # dB of the promotion metric
+    timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        for key in ("retrain_cron", "evaluate_cron"):
+            _check(len(getattr(self, key).split()) == 5, f"schedules.{key}", f"a 5-field cron expression, got {getattr(self, key)!r}")
+        _check(self.evaluate_drop_tolerance >= 0, "schedules.evaluate_drop_tolerance", "a number >= 0")
+
+
+@dataclass(frozen=True)
 class Params:
     datasets: tuple[DatasetParams, ...]
     prepare: PrepareParams = field(default_factory=PrepareParams)
+    model: ModelConfig = field(default_factory=lambda: MODEL_PRESETS["tiny"])
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    train_stage: TrainStageParams = field(default_factory=TrainStageParams)
+    sample: SampleParams = field(default_factory=SampleParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
+    promotion: PromotionParams = field(default_factory=PromotionParams)
+    schedules: ScheduleParams = field(default_factory=ScheduleParams)
 
     def __post_init__(self) -> None:
         _check(len(self.datasets) > 0, "datasets", "at least one dataset")
@@ -170,26 +238,61 @@ def build(cls: type, data: Any, where: str) -> Any:
     values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**values)
-    except TypeError as err:  # a required key is missing
+    except ParamsError:
+        raise
+    except (TypeError, ValueError) as err:  # a required key is missing, or the library's own check
         raise ParamsError(f"params.yaml: {where}: {err}") from None
+
+
+def build_model(data: Any) -> ModelConfig:
+    """The `model` section: a named preset plus any ModelConfig field overriding it."""
+    data = dict(data or {})
+    preset = data.pop("preset", "tiny")
+    if preset not in MODEL_PRESETS:
+        raise ParamsError(f"params.yaml: model.preset must be one of {sorted(MODEL_PRESETS)}, got {preset!r}")
+    base = dataclasses.asdict(MODEL_PRESETS[preset])
+    fields = set(base)
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown key model.{unknown[0]}; allowed keys: {sorted(fields | {'preset'})}")
+    return build(ModelConfig, {**base, **data}, "model")
+
+
+def build_train(data: Any) -> tuple[TrainConfig, TrainStageParams]:
+    """The `train` section: TrainConfig fields plus where to run (device, threads)."""
+    data = dict(data or {})
+    stage = {k: data.pop(k) for k in ("device", "threads") if k in data}
+    try:
+        config = build(TrainConfig, data, "train")
+    except ParamsError as err:
+        raise ParamsError(str(err).replace("allowed keys: [", "allowed keys: ['device', 'threads', ", 1)) from None
+    return config, build(TrainStageParams, stage, "train")
 
 
 def parse(raw: Any) -> Params:
     """Validate a params mapping (as loaded from YAML) into `Params`."""
     if not isinstance(raw, dict):
         raise ParamsError("params.yaml must be a mapping of sections")
-    sections = {"datasets", "prepare", "evaluate", "report"}
+    sections = {"datasets", "prepare", "model", "diffusion", "train", "sample", "evaluate", "report", "promotion", "schedules"}
     unknown = sorted(set(raw) - sections)
     if unknown:
         raise ParamsError(f"params.yaml: unknown section {unknown[0]!r}; allowed sections: {sorted(sections)}")
     datasets = raw.get("datasets")
     if not isinstance(datasets, list):
         raise ParamsError("params.yaml: datasets must be a list of datasets")
+    train, train_stage = build_train(raw.get("train"))
     return Params(
         datasets=tuple(build(DatasetParams, d, f"datasets[{i}]") for i, d in enumerate(datasets)),
         prepare=build(PrepareParams, raw.get("prepare"), "prepare"),
+        model=build_model(raw.get("model")),
+        diffusion=build(DiffusionConfig, raw.get("diffusion"), "diffusion"),
+        train=train,
+        train_stage=train_stage,
+        sample=build(SampleParams, raw.get("sample"), "sample"),
         evaluate=build(EvaluateParams, raw.get("evaluate"), "evaluate"),
         report=build(ReportParams, raw.get("report"), "report"),
+        promotion=build(PromotionParams, raw.get("promotion"), "promotion"),
+        schedules=build(ScheduleParams, raw.get("schedules"), "schedules"),
     )
 
 

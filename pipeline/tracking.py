@@ -22,8 +22,12 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
 
 
-def artifact_location() -> str:
-    return (ROOT / "mlartifacts").as_uri()
+def artifact_location() -> str | None:
+    """mlartifacts/ beside the sqlite file of a local store; None (the server decides) otherwise."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def git_commit() -> str:
@@ -49,8 +53,7 @@ def setup() -> str:
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
-    location = artifact_location() if tracking_uri().startswith("sqlite:") else None
-    return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location())
 
 
 @contextmanager

@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.helpers import photo
+from tests.helpers import make_image_folder
 
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -27,13 +25,9 @@ def _private_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
-    """A folder of small images in several modes: RGB, greyscale, RGBA, palette, 16-bit."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    Image.fromarray(photo(60, 72, 1)).save(folder / "rgb.png")
-    Image.fromarray(photo(64, 48, 2)).convert("L").save(folder / "grey.png")
-    Image.fromarray(photo(50, 50, 3)).convert("RGBA").save(folder / "rgba.png")
-    Image.fromarray(photo(56, 64, 4)).convert("P").save(folder / "palette.png")
-    Image.fromarray((photo(48, 60, 5)[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
-    Image.fromarray(photo(66, 70, 6)).save(folder / "jpeg.jpg", quality=95)
-    return folder
+    """A folder of small images in several modes: RGB, greyscale, RGBA, palette, 16-bit, JPEG."""
+    return make_image_folder(tmp_path / "images")
+
+
+# Flow, registry and serve tests: one Prefect test server and one MLflow template database per session.
+from tests.conftest_prefect import mlflow_store, mlflow_template, prefect_harness  # noqa: E402, F401

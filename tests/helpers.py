@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -16,5 +17,29 @@ def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+# A model and training run small enough for tests: seconds, not minutes.
+TINY: dict = {
+    "model": {"preset": "tiny", "base_channels": 8, "channel_mults": [1, 2], "attention_levels": [], "norm_groups": 4,
+              "encoder_channels": 8, "encoder_blocks": 1, "implicit_hidden": 8, "modulation_hidden": 8},
+    "diffusion": {"timesteps": 50},
+    "train": {"steps": 6, "batch_size": 2, "patch_size": 16, "checkpoint_every": 3, "log_every": 2,
+              "sample_every": 3, "target": "residual", "device": "cpu"},
+    "sample": {"steps": 2},
+    "evaluate": {"methods": ["bicubic", "idm"]},
+}
+
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def make_image_folder(folder: Path) -> Path:
+    """A folder of small images in several modes: RGB, greyscale, RGBA, palette, 16-bit, JPEG."""
+    folder.mkdir(parents=True)
+    Image.fromarray(photo(60, 72, 1)).save(folder / "rgb.png")
+    Image.fromarray(photo(64, 48, 2)).convert("L").save(folder / "grey.png")
+    Image.fromarray(photo(50, 50, 3)).convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(photo(56, 64, 4)).convert("P").save(folder / "palette.png")
+    Image.fromarray((photo(48, 60, 5)[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
+    Image.fromarray(photo(66, 70, 6)).save(folder / "jpeg.jpg", quality=95)
+    return folder

@@ -25,6 +25,15 @@ def test_default_params_file_loads():
     assert p.evaluate.device == "auto"
 
 
+def test_model_preset_with_overrides():
+    from idm.config import MODEL_PRESETS
+
+    p = parse(model={"preset": "paper", "dropout": 0.1, "channel_mults": [1, 2, 4, 8]})
+    assert p.model.base_channels == MODEL_PRESETS["paper"].base_channels
+    assert p.model.dropout == 0.1 and p.model.channel_mults == (1, 2, 4, 8)
+    assert parse().model == MODEL_PRESETS["tiny"]
+
+
 def test_values_are_converted_and_frozen():
     p = parse(prepare={"scales": [2, 2.5], "ood_scales": [8]})
     assert p.prepare.scales == (2.0, 2.5) and isinstance(p.prepare.scales[0], float)
@@ -53,9 +62,21 @@ def test_values_are_converted_and_frozen():
         ({"datasets": [{"name": "a", "source": "skimage", "images": ["lena"]}]}, "unknown ['lena']"),
         ({"datasets": [BASE["datasets"][0], BASE["datasets"][0]]}, "duplicates ['tiny']"),
         ({"datasets": []}, "at least one dataset"),
-        ({**BASE, "evaluate": {"methods": ["nearest"]}}, "evaluate.methods must be a non-empty list from ['bicubic']"),
+        ({**BASE, "evaluate": {"methods": ["nearest"]}}, "evaluate.methods must be a non-empty list from ['bicubic', 'idm']"),
         ({**BASE, "evaluate": {"device": "tpu"}}, "evaluate.device must be one of ['auto', 'cpu', 'cuda']"),
         ({"datasets": [{"source": "skimage"}]}, "datasets[0]"),
+        ({**BASE, "model": {"preset": "huge"}}, "model.preset must be one of ['paper', 'tiny']"),
+        ({**BASE, "model": {"base_chanels": 8}}, "unknown key model.base_chanels"),
+        ({**BASE, "model": {"base_channels": 0}}, "model: base_channels must be an integer >= 1, got 0"),
+        ({**BASE, "model": {"norm_groups": 5}}, "norm_groups=5 must divide"),
+        ({**BASE, "diffusion": {"schedule": "sigmoid"}}, "unknown schedule 'sigmoid'; expected one of ['cosine', 'linear']"),
+        ({**BASE, "diffusion": {"timesteps": 0}}, "timesteps must be an integer >= 1"),
+        ({**BASE, "train": {"scale_min": -2}}, "scale_min"),
+        ({**BASE, "train": {"lerning_rate": 1e-4}}, "unknown key train.lerning_rate; allowed keys: ['device', 'threads', "),
+        ({**BASE, "train": {"device": "tpu"}}, "train.device must be one of"),
+        ({**BASE, "sample": {"sampler": "euler"}}, "sample.sampler must be one of ['ddim', 'ddpm']"),
+        ({**BASE, "promotion": {"metric": "lpips"}}, "promotion.metric must be one of"),
+        ({**BASE, "schedules": {"retrain_cron": "weekly"}}, "5-field cron"),
         ([1, 2], "must be a mapping"),
     ],
 )

@@ -18,14 +18,44 @@ from idm import metrics
 from idm.device import resolve_device
 from idm.evaluate import ALL_METRICS, fid_by_group, metric_name, run_method, summarize
 from idm.io import atomic_path
-from idm.methods import Bicubic, Method
+from idm.methods import Bicubic, DiffusionSR, Method
 from pipeline.params import ROOT, EvaluateParams, Params, flatten, load
 from pipeline.stages import run, staged_dir
 
 
-def build_methods(names: tuple[str, ...]) -> list[Method]:
-    builders = {"bicubic": Bicubic}
-    return [builders[name]() for name in names]
+def build_methods(params: Params, checkpoint: Path, device: str) -> list[Method]:
+    """The methods params.yaml asks for; `idm` is the trained checkpoint's EMA model."""
+    sample = params.sample
+
+    def idm() -> Method:
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint}: no trained model; run the train stage first (dvc repro train)")
+        return DiffusionSR.from_checkpoint(checkpoint, steps=sample.steps, sampler=sample.sampler, eta=sample.eta,
+                                           seed=sample.seed, device=device)
+
+    builders = {"bicubic": Bicubic, "idm": idm}
+    return [builders[name]() for name in params.evaluate.methods]
+
+
+def model_uri_method(args: argparse.Namespace, params: Params, device: str) -> list[Method]:
+    """A registered model (models:/idm@champion, models:/idm/3, runs:/...) as the only method."""
+    from pipeline.mlflow_model import checkpoint_from_uri
+    from pipeline.tracking import setup
+
+    setup()
+    path = checkpoint_from_uri(args.model_uri, args.sr_out.parent / f".{args.label}-model")
+    s = params.sample
+    return [DiffusionSR.from_checkpoint(path, steps=s.steps, sampler=s.sampler, eta=s.eta, seed=s.seed,
+                                        device=device, name=args.label)]
+
+
+def trained_model_tags(checkpoint: Path, params: Params) -> dict[str, str]:
+    """Link the evaluation to the train run and model version that produced `checkpoint`."""
+    record = checkpoint.parent / "registered.json"
+    if "idm" not in params.evaluate.methods or not record.is_file():
+        return {}
+    info = json.loads(record.read_text())
+    return {"train_run_id": info["run_id"], "model_version": str(info["version"])}
 
 
 def load_scorers(cfg: EvaluateParams, device: str) -> tuple[metrics.LPIPS | None, bool, dict[str, str]]:
@@ -63,13 +93,15 @@ def metrics_dict(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
-def log_to_mlflow(params: Params, table: pd.DataFrame, numbers: dict, unavailable: dict[str, str], scales_csv: Path) -> None:
+def log_to_mlflow(params: Params, table: pd.DataFrame, numbers: dict, unavailable: dict[str, str], scales_csv: Path,
+                  extra_tags: dict[str, str]) -> None:
     """One MLflow run per method: flat metrics, a per-scale series (step = 10 x scale), tags."""
     import mlflow
 
     datasets = ",".join(sorted(table.dataset.unique()))
     for method, named in numbers.items():
-        tags = {"method": method, "datasets": datasets, **{f"unavailable.{k}": v[:5000] for k, v in unavailable.items()}}
+        tags = {"method": method, "datasets": datasets, **extra_tags,
+                **{f"unavailable.{k}": v[:5000] for k, v in unavailable.items()}}
         with mlflow_run(params, tags):
             mlflow.log_metrics(named)
             for row in table[table.method == method].itertuples(index=False):
@@ -103,6 +135,10 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, default=ROOT / "reports" / "metrics.json")
     parser.add_argument("--scales", type=Path, default=ROOT / "reports" / "scales.csv")
     parser.add_argument("--per-image", type=Path, default=ROOT / "reports" / "per_image.csv")
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "idm" / "model.pt",
+                        help="the checkpoint evaluated as method 'idm'")
+    parser.add_argument("--model-uri", help="evaluate only this registered model (e.g. models:/idm@champion), outside DVC")
+    parser.add_argument("--label", default="idm", help="method name for --model-uri results")
     args = parser.parse_args()
     params = load(args.params)
     manifest = pd.read_csv(args.prepared / "manifest.csv")
@@ -112,8 +148,9 @@ def main() -> None:
     device = str(resolve_device(params.evaluate.device))
     lpips, fid_ok, unavailable = load_scorers(params.evaluate, device)
     with staged_dir(args.sr_out) as sr_dir:
+        methods = model_uri_method(args, params, device) if args.model_uri else build_methods(params, args.checkpoint, device)
         per_image = pd.concat([run_method(m, pairs, args.prepared, out_dir=sr_dir, lpips=lpips)
-                               for m in build_methods(params.evaluate.methods)], ignore_index=True)
+                               for m in methods], ignore_index=True)
         table = summarize(per_image)
         if fid_ok:
             fid, fid_missing = fid_by_group(per_image, args.prepared, sr_dir, lambda: metrics.FID(device=device))
@@ -121,7 +158,8 @@ def main() -> None:
             unavailable.update(fid_missing)
     numbers = metrics_dict(table)
     write_outputs(table, per_image, numbers, unavailable, args)
-    log_to_mlflow(params, table, numbers, unavailable, args.scales)
+    extra_tags = {"model_uri": args.model_uri} if args.model_uri else trained_model_tags(args.checkpoint, params)
+    log_to_mlflow(params, table, numbers, unavailable, args.scales, extra_tags)
     for key, reason in unavailable.items():
         print(f"unavailable: {key}: {reason}")
 

@@ -1,0 +1,374 @@
+"""Training IDM: continuous-scale LR/HR batches, EMA, a step-based fit loop, DDP.
+
+`fit` trains from a list of HR images (the caller loads the files) and reports
+through hooks, so this library never imports a tracking tool. Every random draw of
+the data and the noise comes from one explicit torch.Generator whose state goes into
+the checkpoint with the others (dropout, numpy, Python), so a resumed run reaches
+exactly the weights of an uninterrupted one. Under `torchrun`, the same `fit` trains
+with DistributedDataParallel after `setup_distributed()`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from idm.checkpoint import (check_same_configs, load_checkpoint, make_checkpoint, rng_state,
+                            save_checkpoint, set_rng_state)
+from idm.config import DiffusionConfig, ModelConfig
+from idm.diffusion import Schedule, make_schedule, training_loss
+from idm.models import IDM
+from idm.resize import resize
+from idm.targets import TARGETS, encode
+
+# Train settings that may change when a run is resumed: none of them alters the weights.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "sample_every")
+
+
+def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How IDM is trained. Defaults: the paper's optimiser with LIIF's scale range."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    patch_size: int = 48  # side of the HR patch (px); the LR patch is round(patch_size / s)
+    scale_min: float = 1.0  # LIIF: s ~ U(1, 4), one scale per batch
+    scale_max: float = 4.0
+    lr: float = 1e-4  # Adam, constant (paper)
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    checkpoint_every: int = 500  # 0: only at the end
+    log_every: int = 50
+    sample_every: int = 0  # 0: never call on_sample
+    seed: int = 0
+    target: str = "image"  # what the diffusion denoises, one of idm.targets.TARGETS
+    residual_scale: float = 0.5  # target "residual": x0 = (HR - bicubic) / residual_scale
+    flips: bool = True  # random horizontal and vertical flips
+
+    def __post_init__(self) -> None:
+        for name, least in (("steps", 1), ("batch_size", 1), ("patch_size", 2), ("checkpoint_every", 0),
+                            ("log_every", 1), ("sample_every", 0), ("seed", 0)):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= least,
+                   name, f"an integer >= {least}", value)
+        _check(_is_number(self.scale_min) and self.scale_min >= 1, "scale_min", "a number >= 1", self.scale_min)
+        _check(_is_number(self.scale_max) and self.scale_max > self.scale_min, "scale_max",
+               f"a number > scale_min = {self.scale_min}", self.scale_max)
+        _check(self.patch_size >= self.scale_max, "patch_size",
+               f"at least scale_max = {self.scale_max} (the LR patch needs 1 px)", self.patch_size)
+        _check(_is_number(self.lr) and self.lr > 0, "lr", "a number > 0", self.lr)
+        _check(_is_number(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)", self.ema_decay)
+        _check(_is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0: off)", self.grad_clip)
+        _check(_is_number(self.residual_scale) and self.residual_scale > 0, "residual_scale", "a number > 0",
+               self.residual_scale)
+        _check(self.target in TARGETS, "target", f"one of {sorted(TARGETS)}", self.target)
+        _check(isinstance(self.flips, bool), "flips", "True or False", self.flips)
+
+
+# ---------------------------------------------------------------- data
+
+
+def training_images(images: Sequence[np.ndarray], patch_size: int) -> list[Tensor]:
+    """(H, W, 3) uint8 arrays -> (3, H, W) uint8 tensors, keeping those with both sides >= patch_size.
+
+    Raises ValueError if no image is large enough.
+    """
+    kept = []
+    for i, img in enumerate(images):
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"training image {i} must be an (H, W, 3) uint8 array, got {img.dtype} {img.shape}")
+        if min(img.shape[:2]) >= patch_size:
+            kept.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
+    if not kept:
+        sides = sorted({min(img.shape[:2]) for img in images}, reverse=True)
+        raise ValueError(f"no training image is at least {patch_size}x{patch_size} px (patch_size); "
+                         f"shortest sides: {sides[:5] or 'no images'}")
+    return kept
+
+
+def _rand_int(high: int, generator: torch.Generator) -> int:
+    """Uniform in [0, high)."""
+    return int(torch.randint(high, (), generator=generator))
+
+
+def make_batch(images: Sequence[Tensor], cfg: TrainConfig, generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    """One continuous-scale training batch (LIIF protocol), drawn with `generator` only.
+
+    images: (3, H, W) uint8 tensors from `training_images`. A scale s ~ U(scale_min,
+    scale_max) for the whole batch; per sample a random patch_size x patch_size crop of
+    a random image, randomly flipped. The LR patch is `resize` to round(patch / s) and
+    rounded to 8 bits, exactly as the prepare stage makes its LR images.
+    Returns hr (B, 3, P, P), lr (B, 3, p, p), both in [-1, 1], and s.
+    """
+    p = cfg.patch_size
+    scale = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * float(
+        torch.rand((), generator=generator, dtype=torch.float64))
+    patches = []
+    for _ in range(cfg.batch_size):
+        img = images[_rand_int(len(images), generator)]
+        top, left = _rand_int(img.shape[1] - p + 1, generator), _rand_int(img.shape[2] - p + 1, generator)
+        patch = img[:, top : top + p, left : left + p]
+        if cfg.flips:
+            for dim in (2, 1):  # horizontal, then vertical
+                if torch.rand((), generator=generator) < 0.5:
+                    patch = patch.flip(dim)
+        patches.append(patch)
+    hr = torch.stack(patches).float()  # [0, 255]
+    lr_side = max(1, round(p / scale))
+    lr = resize(hr, (lr_side, lr_side)).round_().clamp_(0, 255)
+    return hr / 127.5 - 1, lr / 127.5 - 1, scale
+
+
+# ---------------------------------------------------------------- model side
+
+
+class EMA:
+    """Exponential moving average of a model's weights, kept in a frozen copy (`module`).
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) at step t (TensorFlow's
+    ExponentialMovingAverage with num_updates), so the average of a short run is not
+    dominated by the random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Move the average towards `model`'s current weights; buffers are copied."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for avg, p in zip(self.module.parameters(), model.parameters()):
+            avg.lerp_(p, 1 - decay)
+        for avg, b in zip(self.module.buffers(), model.buffers()):
+            avg.copy_(b)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+class Objective(nn.Module):
+    """The training loss of IDM as one module, so DDP sees the encoder and the UNet run.
+
+    forward(hr (B, 3, H, W), lr (B, 3, h, w), generator) -> scalar noise-prediction loss.
+    """
+
+    def __init__(self, model: IDM, schedule: Schedule, cfg: TrainConfig, loss: str) -> None:
+        super().__init__()
+        self.model, self.schedule, self.cfg, self.loss = model, schedule, cfg, loss
+
+    def forward(self, hr: Tensor, lr: Tensor, generator: torch.Generator) -> Tensor:
+        cond = self.model.condition(lr, hr.shape[-2:])
+        x0 = encode(hr, lr, self.cfg.target, self.cfg.residual_scale)
+        return training_loss(self.model, x0, cond, schedule=self.schedule, loss=self.loss, generator=generator)
+
+
+# ---------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun) and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def setup_distributed(device: torch.device | str) -> DistInfo:
+    """Join the process group if launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK set).
+
+    Backend nccl on CUDA (each process then uses cuda:LOCAL_RANK), gloo on CPU. Without
+    torchrun: nothing to join; returns rank 0 of 1 on `device`.
+    """
+    device = torch.device(device)
+    if "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0, device)
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, world, local, device)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# ---------------------------------------------------------------- fit
+
+
+@dataclass
+class _Run:
+    """Everything a training run mutates."""
+
+    model: IDM
+    objective: nn.Module  # Objective, wrapped in DDP when world > 1
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    generator: torch.Generator
+    device: torch.device
+    rank: int
+    world: int
+    configs: tuple[ModelConfig, DiffusionConfig, TrainConfig]
+
+
+def _build_run(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig,
+               device: torch.device) -> _Run:
+    rank, world = _rank_and_world()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = IDM(model_cfg).to(device).train()
+    generator = torch.Generator().manual_seed(cfg.seed + rank)  # different data per rank
+    torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # dropout, per rank
+    schedule = make_schedule(diffusion_cfg.schedule, diffusion_cfg.timesteps,
+                             beta_start=diffusion_cfg.beta_start, beta_end=diffusion_cfg.beta_end)
+    objective: nn.Module = Objective(model, schedule, cfg, diffusion_cfg.loss)
+    if world > 1:
+        objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return _Run(model, objective, optimizer, EMA(model, cfg.ema_decay), generator, device, rank, world,
+                (model_cfg, diffusion_cfg, cfg))
+
+
+def _resume(run: _Run, path: Path) -> int:
+    """Load weights, EMA, optimizer and random states from `path`; returns its step."""
+    ckpt = load_checkpoint(path)
+    current = dict(zip(("model_config", "diffusion_config", "train_config"), map(asdict, run.configs)))
+    check_same_configs(ckpt, current, may_change={"train_config": RESUMABLE_CHANGES}, source=str(path))
+    run.model.load_state_dict(ckpt["model"])
+    run.ema.load_state_dict(ckpt["ema"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    states = ckpt["rng"]
+    if len(states) != run.world:
+        warnings.warn(f"{path} was written by {len(states)} process(es), now {run.world}: "
+                      f"the run continues but will not repeat an uninterrupted one exactly")
+    if run.rank < len(states):
+        set_rng_state(states[run.rank], run.generator, run.device)
+    return int(ckpt["step"])
+
+
+def _save(run: _Run, path: Path, step: int) -> None:
+    """Checkpoint from rank 0, with every rank's random state; all ranks wait for the write."""
+    state = rng_state(run.generator, run.device)
+    states = [state]
+    if run.world > 1:
+        states = [None] * run.world
+        dist.all_gather_object(states, state)
+    if run.rank == 0:
+        model_cfg, diffusion_cfg, cfg = run.configs
+        save_checkpoint(make_checkpoint(model_config=model_cfg, diffusion_config=diffusion_cfg, train_config=cfg,
+                                        model=run.model.state_dict(), ema=run.ema.state_dict(),
+                                        optimizer=run.optimizer.state_dict(), step=step, rng=states), path)
+    if run.world > 1:
+        dist.barrier()
+
+
+def _train_step(run: _Run, hr: Tensor, lr: Tensor, grad_clip: float) -> tuple[Tensor, Tensor]:
+    """One optimiser step on a batch; returns (loss, gradient norm before clipping), detached."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = run.objective(hr, lr, run.generator)
+    loss.backward()  # DDP averages the gradients across ranks here
+    norm = nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    run.optimizer.step()
+    return loss.detach(), norm.detach()
+
+
+def _mean_over_ranks(values: Tensor, world: int) -> list[float]:
+    if world > 1:
+        dist.all_reduce(values)
+        values = values / world
+    return values.tolist()  # CPU-GPU sync point, once per log interval
+
+
+Hook = Callable[..., None]
+
+
+def _call_hook(hook: Hook | None, run: _Run, *args: Any) -> None:
+    """Rank 0 only; the hook's own random draws (e.g. sampling) never touch training's."""
+    if hook is None or run.rank != 0:
+        return
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        hook(*args)
+
+
+def fit(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig, images: Sequence[np.ndarray], *,
+        device: torch.device | str, ckpt_path: str | os.PathLike | None = None,
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        on_sample: Callable[[int, nn.Module], None] | None = None,
+        on_checkpoint: Callable[[int, Path], None] | None = None, progress: bool = True) -> dict[str, float]:
+    """Train IDM on HR `images` ((H, W, 3) uint8) for cfg.steps steps, resuming from `ckpt_path` if it exists.
+
+    Checkpoints go to `ckpt_path` every cfg.checkpoint_every steps and at the end.
+    Hooks run on rank 0: on_log(step, {"loss", "grad_norm", "samples_per_s"}) every
+    cfg.log_every steps and at the end (loss and grad_norm averaged over the interval
+    and the ranks); on_sample(step, ema_model) every cfg.sample_every steps;
+    on_checkpoint(step, path) after each write. Returns {"final_loss" (of the last log
+    interval; NaN if the checkpoint had no steps left to run), "steps", "steps_run",
+    "samples_per_s", "seconds"}. Seeds torch's global generator from cfg.seed.
+    """
+    device = torch.device(device)
+    data = training_images(images, cfg.patch_size)
+    run = _build_run(model_cfg, diffusion_cfg, cfg, device)
+    path = Path(ckpt_path) if ckpt_path is not None else None
+    start = _resume(run, path) if path is not None and path.exists() else 0
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress or run.rank != 0)
+    totals, count, final_loss, seen = torch.zeros(2, device=device), 0, math.nan, 0
+    t0 = tick = time.perf_counter()
+    for step in range(start + 1, cfg.steps + 1):
+        hr, lr, _ = make_batch(data, cfg, run.generator)
+        loss, norm = _train_step(run, hr.to(device), lr.to(device), cfg.grad_clip)
+        run.ema.update(run.model, step)
+        totals += torch.stack([loss, norm.to(loss.dtype)])
+        count += 1
+        bar.update()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            final_loss, grad_norm = _mean_over_ranks(totals / count, run.world)
+            now = time.perf_counter()
+            speed = count * cfg.batch_size * run.world / (now - tick)
+            bar.set_postfix(loss=f"{final_loss:.4f}")
+            _call_hook(on_log, run, step, {"loss": final_loss, "grad_norm": grad_norm, "samples_per_s": speed})
+            totals, count, tick = torch.zeros(2, device=device), 0, now
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            _call_hook(on_sample, run, step, run.ema.module)
+        if path is not None and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            _save(run, path, step)
+            _call_hook(on_checkpoint, run, step, path)
+        seen += 1
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {"final_loss": final_loss, "steps": max(start, cfg.steps), "steps_run": seen,
+            "samples_per_s": seen * cfg.batch_size * run.world / seconds if seen else 0.0, "seconds": seconds}

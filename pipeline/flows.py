@@ -1,0 +1,421 @@
+"""Prefect flows over the DVC pipeline.
+
+- `pipeline`: one task per dvc.yaml stage, in dependency order, each `dvc repro --single-item`;
+  returns reports/metrics.json and the MLflow runs the stages logged.
+- `retrain`: refresh the data, train (and quantize) a candidate, score it and the champion
+  on the same test sets, apply the promotion gate (pipeline.registry.decide).
+- `evaluate`: re-score the champion and flag a drop against its last evaluation.
+
+DVC must never run twice at once in one workspace: every dvc call (and every evaluation,
+which reads data/prepared) holds the workspace lock `.dvc/tmp/idm-flows.lock`, so two flow
+runs in one workspace take turns, or the later one fails with WorkspaceBusy after
+`lock_timeout` seconds naming the holder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from idm.datasets import scale_tag
+from pipeline import registry
+from pipeline.params import ROOT, PromotionParams, load
+
+LOCK_FILE = ".dvc/tmp/idm-flows.lock"
+LOCK_TIMEOUT = 6 * 3600.0  # a scheduled run waits for one in progress rather than failing
+METRICS_FILE = "reports/metrics.json"
+REGISTERED_FILE = "models/idm/registered.json"  # written by the train stage
+RETRAIN_TARGETS = ("train", "quantize")  # retrain runs these and everything upstream of them
+
+# evaluator(model_uri, label, project) -> evaluation (see pipeline.registry for its shape)
+Evaluator = Callable[[str, str, Path], dict[str, Any]]
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another flow run holds the workspace lock."""
+
+
+class CommandFailed(RuntimeError):
+    """A dvc (or stage) command exited non-zero; the message ends with its last output lines."""
+
+
+# --- workspace, lock, subprocesses ---------------------------------------------------------------
+
+def current_run_id() -> str:
+    """The Prefect flow run id (tags every MLflow run of this execution), or a new id outside Prefect."""
+    from prefect.runtime import flow_run
+
+    return flow_run.id or uuid.uuid4().hex[:12]
+
+
+def _logger() -> Any:
+    try:
+        return get_run_logger()
+    except Exception:  # called outside a flow or task run (a plain function call)
+        import logging
+
+        return logging.getLogger("pipeline.flows")
+
+
+@contextmanager
+def workspace_lock(project: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold `<project>/.dvc/tmp/idm-flows.lock`; wait up to `timeout` s, then raise WorkspaceBusy."""
+    from filelock import FileLock, Timeout
+
+    path = project / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    owner = path.with_name(path.name + ".owner")
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = owner.read_text().strip() if owner.exists() else "unknown holder"
+        _logger().info(f"workspace {project} is busy ({holder}); waiting up to {timeout:g} s")
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise WorkspaceBusy(f"workspace {project} is busy: {holder} holds {path}; gave up after {timeout:g} s "
+                                "(DVC must not run twice at once in one workspace)") from None
+    try:
+        owner.write_text(f"pid {os.getpid()}, flow run {current_run_id()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        yield
+    finally:
+        lock.release()
+
+
+def subprocess_env(pipeline_run: str) -> dict[str, str]:
+    """The environment of dvc and stage processes: this flow run's id, this process's MLflow store."""
+    from pipeline.tracking import tracking_uri
+
+    return {
+        **os.environ,
+        "IDM_PIPELINE_RUN": pipeline_run,  # pipeline/tracking.py tags every stage run with it
+        # Stages in a temporary DVC experiment workspace would otherwise default to a store there.
+        "MLFLOW_TRACKING_URI": tracking_uri(),
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",  # stage output reaches the Prefect log line by line
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # dvc.yaml's `python`
+    }
+
+
+def run_command(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Callable[[str], None]) -> list[str]:
+    """Run `cmd` (an argument list), passing each output line to `log` as it comes; return the lines."""
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip():
+                lines.append(line.rstrip())
+                log(line.rstrip())
+        code = proc.wait()
+    finally:  # the flow was cancelled or interrupted: do not leave dvc running without the lock
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if code != 0:
+        tail = "\n".join(lines[-15:])
+        raise CommandFailed(f"`{' '.join(cmd[1:])}` in {cwd} exited with code {code}:\n{tail}")
+    return lines
+
+
+def dvc(args: list[str], *, project: Path, pipeline_run: str, lock_timeout: float = LOCK_TIMEOUT) -> list[str]:
+    """Run `dvc <args>` in `project` under the workspace lock, streaming its output to the run log."""
+    log = _logger().info
+    with workspace_lock(project, lock_timeout):
+        return run_command([sys.executable, "-m", "dvc", *args], cwd=project, env=subprocess_env(pipeline_run), log=log)
+
+
+# --- the stage graph ----------------------------------------------------------------------------
+
+def _paths(spec: dict, keys: tuple[str, ...]) -> list[str]:
+    items = [item for key in keys for item in spec.get(key) or []]
+    return [os.path.normpath(item if isinstance(item, str) else next(iter(item))) for item in items]
+
+
+def dvc_stages(project: Path, targets: tuple[str, ...] | None = None) -> list[str]:
+    """Stage names of `<project>/dvc.yaml` in dependency order (file order among independent stages).
+
+    With `targets`, only those present and the stages upstream of them. A stage depends on
+    another when one of its deps is, or lies under, one of the other's outs/metrics/plots.
+    """
+    stages: dict[str, dict] = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    outs = {name: _paths(spec, ("outs", "metrics", "plots")) for name, spec in stages.items()}
+    upstream = {
+        name: {other for other, produced in outs.items() if other != name
+               for dep in _paths(spec, ("deps",)) for out in produced if dep == out or dep.startswith(out + os.sep)}
+        for name, spec in stages.items()
+    }
+    if targets is not None:
+        wanted, todo = set(), [t for t in targets if t in stages]
+        while todo:
+            name = todo.pop()
+            if name not in wanted:
+                wanted.add(name)
+                todo.extend(upstream[name])
+        upstream = {name: deps for name, deps in upstream.items() if name in wanted}
+    order: list[str] = []
+    while len(order) < len(upstream):
+        ready = [name for name, deps in upstream.items() if name not in order and deps <= set(order)]
+        if not ready:
+            raise ValueError(f"{project / 'dvc.yaml'}: stages {sorted(set(upstream) - set(order))} depend on each other in a cycle")
+        order.append(ready[0])
+    return order
+
+
+def stage_status(lines: list[str], stage: str) -> str:
+    """'ran', 'restored' (from DVC's run cache) or 'skipped' (up to date), from dvc repro's output."""
+    text = "\n".join(lines)
+    if f"Running stage '{stage}'" in text:
+        return "ran"
+    return "restored" if f"Stage '{stage}' is cached" in text else "skipped"
+
+
+# --- tasks --------------------------------------------------------------------------------------
+
+@task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC is the cache: it skips up-to-date stages itself
+def run_stage(stage: str, project: Path, pipeline_run: str, force: bool = False,
+              lock_timeout: float = LOCK_TIMEOUT) -> str:
+    """`dvc repro --single-item [--force] <stage>`; returns stage_status.
+
+    --single-item: the flow runs the stages in dependency order, so upstream is already
+    up to date when a stage's task starts; each task then checks and runs exactly its
+    own stage and its log holds only that stage's output.
+    """
+    lines = dvc(["repro", "--single-item", *(["--force"] if force else []), stage],
+                project=project, pipeline_run=pipeline_run, lock_timeout=lock_timeout)
+    return stage_status(lines, stage)
+
+
+def stage_task(stage: str) -> Any:
+    """The task that runs `stage`, named after it; download, which may fetch from the network,
+    retries with exponential backoff (30 s, 60 s, 120 s)."""
+    if stage == "download":
+        return run_stage.with_options(name="dvc-download", retries=3,
+                                      retry_delay_seconds=exponential_backoff(backoff_factor=30), retry_jitter_factor=0.2)
+    return run_stage.with_options(name=f"dvc-{stage}")
+
+
+def override_value(value: Any) -> str:
+    """`value` in the grammar of `dvc exp run -S key=value` (Hydra's): JSON, except unquoted dict keys."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(override_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+@task(name="dvc-experiment", cache_policy=NO_CACHE)
+def run_experiment(overrides: dict[str, Any], name: str, project: Path, pipeline_run: str,
+                   lock_timeout: float = LOCK_TIMEOUT) -> dict[str, Any] | None:
+    """The whole pipeline as DVC experiment `name` with params `overrides`; returns its metrics.json.
+
+    Why `dvc exp run --temp -S key=value`: DVC applies the overrides to a copy of the
+    workspace in a temporary directory (.dvc/tmp/exps/), so the committed params.yaml is
+    never written, even if this process is killed; the result is recorded as an experiment
+    (`dvc exp show` compares it, `dvc exp apply <name>` brings it into the workspace) and its
+    outputs go to the shared DVC cache. Writing params.yaml and restoring it afterwards
+    would leave it edited after a crash. One experiment, not one per stage: an experiment
+    is DVC's unit (one commit of params and results) and N partial ones would only clutter
+    `dvc exp show`. Like any DVC experiment it runs the committed code plus changes to
+    tracked files; untracked new files must be `git add`-ed first.
+    """
+    settings = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={override_value(value)}")]
+    dvc(["exp", "run", "--temp", "--name", name, *settings], project=project, pipeline_run=pipeline_run,
+        lock_timeout=lock_timeout)
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=project,
+                          capture_output=True, text=True, check=True).stdout.split()
+    ref = next((r for r in refs if r.endswith(f"/{name}")), None)
+    if ref is None:
+        return None
+    shown = subprocess.run(["git", "show", f"{ref}:{METRICS_FILE}"], cwd=project, capture_output=True, text=True)
+    return json.loads(shown.stdout) if shown.returncode == 0 else None  # None: the pipeline writes no metrics
+
+
+def stage_evaluator(model_uri: str, label: str, project: Path) -> dict[str, Any]:
+    """Score registered model `model_uri` on `<project>/data/prepared` with the evaluate stage, outside DVC."""
+    with tempfile.TemporaryDirectory(prefix="idm-eval-") as tmp:
+        out = Path(tmp)
+        cmd = [sys.executable, "-m", "pipeline.stages.evaluate", "--params", str(project / "params.yaml"),
+               "--prepared", str(project / "data" / "prepared"), "--model-uri", model_uri, "--label", label,
+               "--sr-out", str(out / "sr"), "--metrics", str(out / "metrics.json"),
+               "--scales", str(out / "scales.csv"), "--per-image", str(out / "per_image.csv")]
+        run_command(cmd, cwd=project, env=subprocess_env(current_run_id()), log=_logger().info)
+        numbers = json.loads((out / "metrics.json").read_text())
+        table = pd.read_csv(out / "scales.csv")
+    if "method" in table:
+        table = table[table.method == label]
+    in_dist = sorted({f"{r.dataset}.{scale_tag(r.scale)}" for r in table.itertuples() if bool(r.in_distribution)})
+    return {"metrics": numbers.get(label, {}), "in_distribution": in_dist}
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE)
+def score_model(evaluator: Evaluator, version: str, label: str, project: Path,
+                lock_timeout: float = LOCK_TIMEOUT) -> dict[str, Any]:
+    """Evaluate version `version` of model idm; holds the workspace lock (data/prepared must not change meanwhile)."""
+    with workspace_lock(project, lock_timeout):
+        evaluation = evaluator(f"models:/{registry.MODEL_NAME}/{version}", label, project)
+    if not isinstance(evaluation, dict) or not isinstance(evaluation.get("metrics"), dict):
+        raise TypeError(f"evaluator returned {type(evaluation).__name__}; expected {{'metrics': {{...}}, 'in_distribution': [...]}}")
+    _logger().info(f"{label} (version {version}): {len(evaluation['metrics'])} metrics")
+    return evaluation
+
+
+@task(name="promotion-gate", cache_policy=NO_CACHE)
+def gate(candidate: str, champion: str | None, evaluations: dict[str, dict | None], rule: PromotionParams,
+         pipeline_run: str) -> dict[str, Any]:
+    """decide() then record_decision(); refuses to promote if the champion moved meanwhile."""
+    decision = registry.decide(evaluations["candidate"], evaluations["champion"], rule)
+    now = registry.version_by_alias(registry.CHAMPION)
+    if decision.promote and now != champion:
+        decision = registry.Decision(False, f"the champion changed from {champion} to {now} during this retrain; "
+                                            "compared against a stale champion", decision.table)
+    run_id = registry.record_decision(candidate, decision, champion=champion, pipeline_run=pipeline_run)
+    log = _logger()
+    (log.info if decision.promote else log.warning)(
+        f"version {candidate} {'promoted to champion' if decision.promote else 'rejected'}: {decision.reason}")
+    return {"promoted": decision.promote, "reason": decision.reason, "decision_run": run_id,
+            "table": decision.table.to_dict(orient="records")}
+
+
+def stage_runs(pipeline_run: str) -> dict[str, list[str]]:
+    """MLflow run ids tagged with `pipeline_run`, by DVC stage (or run name for non-stage runs)."""
+    from pipeline.tracking import setup
+
+    runs = registry.client().search_runs([setup()], f"tags.pipeline_run = '{pipeline_run}'",
+                                         order_by=["attributes.start_time ASC"])
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        out.setdefault(run.data.tags.get("dvc_stage") or run.info.run_name, []).append(run.info.run_id)
+    return out
+
+
+# --- flows --------------------------------------------------------------------------------------
+
+@flow(name="idm-pipeline")
+def pipeline(overrides: dict[str, Any] | None = None, project: str | None = None,
+             lock_timeout: float = LOCK_TIMEOUT) -> dict[str, Any]:
+    """Run the DVC pipeline; `overrides` ({"prepare.seed": 1, ...}) change params for this run only.
+
+    Returns {"metrics": reports/metrics.json, "runs": {stage: [MLflow run ids]},
+    "stages": {stage: "ran" | "restored" | "skipped"}, "experiment": name or None}.
+    """
+    from pipeline.tracking import setup
+
+    root, run_id = Path(project or ROOT).resolve(), current_run_id()
+    setup()  # the experiment exists, with the project's artifact root, before any stage runs
+    if overrides:
+        name = f"flow-{run_id[:8]}"
+        metrics = run_experiment(dict(overrides), name, root, run_id, lock_timeout)
+        return {"metrics": metrics, "runs": stage_runs(run_id), "stages": {}, "experiment": name}
+    statuses = {stage: stage_task(stage)(stage, root, run_id, lock_timeout=lock_timeout) for stage in dvc_stages(root)}
+    metrics_path = root / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    return {"metrics": metrics, "runs": stage_runs(run_id), "stages": statuses, "experiment": None}
+
+
+@flow(name="idm-retrain")
+def retrain(project: str | None = None, refresh_data: bool = True, evaluator: Evaluator | None = None,
+            lock_timeout: float = LOCK_TIMEOUT) -> dict[str, Any]:
+    """Refresh data, train a candidate, score it and the champion, and promote it if it passes the gate.
+
+    Nothing here moves or removes the `champion` alias except the gate's last step, so a
+    retrain that fails or is killed anywhere before it leaves the champion as it was.
+    """
+    from pipeline.tracking import setup
+
+    root, run_id, log = Path(project or ROOT).resolve(), current_run_id(), get_run_logger()
+    params = load(root / "params.yaml")  # a bad params file fails before any work
+    setup()
+    stages = dvc_stages(root, RETRAIN_TARGETS)
+    if "train" not in stages:
+        raise ValueError(f"{root / 'dvc.yaml'} has no 'train' stage; retrain needs one")
+    for stage in stages:  # download forced: a folder or URL source may have new images DVC cannot see
+        stage_task(stage)(stage, root, run_id, force=refresh_data and stage == "download", lock_timeout=lock_timeout)
+
+    candidate = str(json.loads((root / REGISTERED_FILE).read_text())["version"])
+    champion = registry.version_by_alias(registry.CHAMPION)
+    result = {"candidate": candidate, "champion_before": champion, "champion_after": champion, "promoted": False,
+              "runs": stage_runs(run_id)}
+    if candidate == champion:
+        log.info(f"version {candidate} (train was up to date) is already the champion")
+        return {**result, "reason": "candidate is already the champion"}
+    earlier = registry.version_tags(candidate)
+    if "promotion" in earlier:
+        log.info(f"version {candidate} (train was up to date) was already {earlier['promotion']}")
+        return {**result, "reason": f"already {earlier['promotion']}: {earlier.get('promotion_reason', '')}"}
+
+    evaluate_fn = evaluator or stage_evaluator
+    evaluations: dict[str, dict | None] = {"candidate": None, "champion": None}
+    for label, version in (("candidate", candidate), ("champion", champion)):
+        if version is not None:
+            evaluations[label] = score_model(evaluate_fn, version, label, root, lock_timeout)
+            registry.log_evaluation(version, label, evaluations[label], flow="retrain", pipeline_run=run_id)
+    verdict = gate(candidate, champion, evaluations, params.promotion, run_id)
+    return {**result, **verdict, "champion_after": candidate if verdict["promoted"] else champion,
+            "runs": stage_runs(run_id)}
+
+
+@flow(name="idm-evaluate")
+def evaluate(project: str | None = None, evaluator: Evaluator | None = None,
+             lock_timeout: float = LOCK_TIMEOUT) -> dict[str, Any]:
+    """Re-score the champion and log it; tag the run regression=true (and warn) when any
+    dataset x scale fell by more than schedules.evaluate_drop_tolerance since its last evaluation."""
+    root, run_id, log = Path(project or ROOT).resolve(), current_run_id(), get_run_logger()
+    params = load(root / "params.yaml")
+    champion = registry.version_by_alias(registry.CHAMPION)
+    if champion is None:
+        log.warning("no model has the alias 'champion' yet: nothing to evaluate (run the retrain flow first)")
+        return {"champion": None, "regression": False, "drops": [], "run_id": None, "metrics": {}}
+    evaluation = score_model(evaluator or stage_evaluator, champion, "champion", root, lock_timeout)
+    previous = registry.last_evaluation(champion)
+    tolerance = params.schedules.evaluate_drop_tolerance
+    drops = registry.regressions(evaluation, previous, params.promotion.metric, tolerance)
+    tags = {"regression": str(bool(drops)).lower(), "compared_with_run": previous["run_id"] if previous else "none"}
+    if drops:
+        tags["regression_detail"] = "; ".join(drops)[:5000]
+    mlflow_run = registry.log_evaluation(champion, "champion", evaluation, flow="evaluate", pipeline_run=run_id, tags=tags)
+    if drops:
+        log.warning(f"champion version {champion} dropped by more than {tolerance:g} since run "
+                    f"{tags['compared_with_run']}: {'; '.join(drops)}")
+    elif previous is None:
+        log.info(f"first evaluation of champion version {champion}: nothing to compare with")
+    return {"champion": champion, "regression": bool(drops), "drops": drops, "run_id": mlflow_run,
+            "metrics": evaluation["metrics"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one flow once: `python -m pipeline.flows pipeline -S prepare.seed=1`, `... retrain`, `... evaluate`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("flow", choices=["pipeline", "retrain", "evaluate"])
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="pipeline only: override a params.yaml value for this run (value in YAML)")
+    args = parser.parse_args(argv)
+    if args.set and args.flow != "pipeline":
+        parser.error("-S/--set applies to the pipeline flow only")
+    overrides = {key: yaml.safe_load(value) for key, _, value in (s.partition("=") for s in args.set)}
+    result = {"pipeline": lambda: pipeline(overrides=overrides or None), "retrain": retrain, "evaluate": evaluate}[args.flow]()
+    print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""IDM as an MLflow model: log and register a checkpoint, and get one back from a URI.
+
+The registered artifact is the inference checkpoint (configs + EMA weights, no
+optimizer state), loaded with `weights_only=True` like every checkpoint; the pyfunc
+wrapper only points at it, so `mlflow.pyfunc.load_model("models:/idm@champion")`
+works for serving while evaluation reads the checkpoint file directly.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+from pipeline.params import ROOT
+
+MODEL_NAME = "idm"
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),  # the LR image, HWC RGB
+    outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),  # the SR image
+    params=ParamSchema([ParamSpec("scale", "double", 4.0), ParamSpec("steps", "long", 20), ParamSpec("seed", "long", 0)]),
+)
+
+
+class IDMPyfunc(mlflow.pyfunc.PythonModel):
+    """predict(lr (h, w, 3) uint8, params={"scale", "steps", "seed"}) -> (H, W, 3) uint8."""
+
+    def load_context(self, context: Any) -> None:
+        self.checkpoint = context.artifacts[CHECKPOINT_ARTIFACT]
+
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
+        from idm.methods import DiffusionSR
+        from idm.resize import target_size
+
+        params = {"scale": 4.0, "steps": 20, "seed": 0, **(params or {})}
+        method = DiffusionSR.from_checkpoint(self.checkpoint, steps=int(params["steps"]), seed=int(params["seed"]))
+        lr = np.asarray(model_input, dtype=np.uint8)
+        return method(lr, target_size(lr.shape[:2], float(params["scale"])))
+
+
+def log_and_register(checkpoint: Path, *, tags: dict[str, str] | None = None) -> str:
+    """Log `checkpoint` as a pyfunc model in the active run and register a new `idm` version.
+
+    Returns the version number (as MLflow gives it, a string).
+    """
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(ROOT / "pipeline" / "pyfunc_model.py"),  # model from code: nothing pickled
+        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+        signature=SIGNATURE,
+        code_paths=[str(ROOT / "idm"), str(ROOT / "pipeline")],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pillow", "scikit-image", "tqdm"],
+        registered_model_name=MODEL_NAME,
+    )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(MODEL_NAME, version, key, value)
+    return version
+
+
+def checkpoint_from_uri(uri: str, dest: Path | None = None) -> Path:
+    """Download the checkpoint of model `uri` (e.g. models:/idm@champion) and return its path."""
+    dest = Path(dest or tempfile.mkdtemp(prefix="idm-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(f"cannot load model {uri!r}: {str(err).splitlines()[0]}") from None
+    found = sorted(local.rglob("*.pt"))
+    if not found:
+        raise ValueError(f"model {uri!r} holds no checkpoint (.pt) artifact")
+    return found[0]

@@ -1,0 +1,138 @@
+"""train stage: fit IDM on the prepared training images, log to MLflow, register the EMA model.
+
+Outputs (default models/idm/): checkpoint.pt (full state, for resuming), model.pt
+(configs + EMA weights, what is registered and evaluated) and registered.json (MLflow
+run id and model version). An interrupted run resumes from checkpoint.pt; a finished
+or incompatible one is set aside and training starts afresh. Runs unchanged under
+`torchrun --nproc-per-node N -m pipeline.stages.train` (DDP; rank 0 logs and saves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from idm.checkpoint import CheckpointError, check_same_configs, load_checkpoint, save_checkpoint
+from idm.device import resolve_device
+from idm.io import atomic_path, read_image
+from idm.train import RESUMABLE_CHANGES, cleanup_distributed, fit, setup_distributed
+from pipeline.params import ROOT, Params, flatten, load
+from pipeline.stages import run
+
+
+def training_images(prepared: Path) -> list[np.ndarray]:
+    manifest = pd.read_csv(prepared / "manifest.csv")
+    rows = manifest[manifest.split == "train"]
+    if rows.empty:
+        raise ValueError(f"{prepared / 'manifest.csv'}: no training images (every dataset has test_fraction 1?)")
+    return [read_image(prepared / hr) for hr in rows.hr]
+
+
+def reusable(path: Path, params: Params) -> str | None:
+    """Why the checkpoint at `path` must not be resumed, or None if it is an interrupted run of this config."""
+    if not path.exists():
+        return "no checkpoint"
+    try:
+        ckpt = load_checkpoint(path)
+        current = {"model_config": asdict(params.model), "diffusion_config": asdict(params.diffusion),
+                   "train_config": asdict(params.train)}
+        check_same_configs(ckpt, current, may_change={"train_config": RESUMABLE_CHANGES}, source=str(path))
+    except (CheckpointError, ValueError) as err:
+        return str(err)
+    if ckpt["step"] >= params.train.steps:
+        return f"{path} is a finished run ({ckpt['step']} steps); its inputs changed"
+    return None
+
+
+def export_inference(checkpoint: Path, out: Path) -> int:
+    """Write configs + EMA weights only (what evaluation and the registry need); returns the parameter count."""
+    ckpt = load_checkpoint(checkpoint)
+    save_checkpoint({**ckpt, "model": ckpt["ema"], "optimizer": {}, "rng": []}, out)
+    return sum(t.numel() for t in ckpt["ema"].values() if t.is_floating_point())
+
+
+def sample_logger(params: Params, images: list[np.ndarray], device: torch.device):
+    """on_sample hook: the EMA model's x4 output for a fixed LR crop, logged as an MLflow image."""
+    import mlflow
+
+    from idm.datasets import center_crop, make_pair
+    from idm.diffusion import make_schedule
+    from idm.methods import DiffusionSR
+    from idm.sampling import spaced_timesteps
+
+    hr, lr = make_pair(center_crop(images[0], 128), 4)
+    d = params.diffusion
+    schedule = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+    def log_sample(step: int, model: torch.nn.Module) -> None:
+        method = DiffusionSR(model, schedule=schedule, timesteps=spaced_timesteps(d.timesteps, min(10, d.timesteps)),
+                             target=params.train.target, residual_scale=params.train.residual_scale, device=device)
+        mlflow.log_image(np.concatenate([method(lr, hr.shape[:2]), hr], axis=1), key="sample_x4", step=step)
+
+    return log_sample
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared")
+    parser.add_argument("--out", type=Path, default=ROOT / "models" / "idm")
+    args = parser.parse_args()
+    params = load(args.params)
+    if params.train_stage.threads:
+        torch.set_num_threads(params.train_stage.threads)
+    images = training_images(args.prepared)
+    info = setup_distributed(resolve_device(params.train_stage.device))
+    try:
+        ckpt_path = args.out / "checkpoint.pt"
+        if info.rank == 0:
+            args.out.mkdir(parents=True, exist_ok=True)
+            reason = reusable(ckpt_path, params)
+            if reason is None:
+                print(f"resuming from {ckpt_path}")
+            elif ckpt_path.exists():
+                print(f"starting afresh: {reason}")
+                os.replace(ckpt_path, ckpt_path.with_suffix(".pt.old"))
+        if info.world_size > 1:
+            torch.distributed.barrier()
+        if info.rank == 0:
+            train_and_register(params, images, info.device, args.out)
+        else:
+            fit(params.model, params.diffusion, params.train, images, device=info.device, ckpt_path=ckpt_path)
+    finally:
+        cleanup_distributed()
+
+
+def train_and_register(params: Params, images: list[np.ndarray], device: torch.device, out: Path) -> None:
+    """Rank 0: train inside an MLflow run, then register the EMA model as a new `idm` version."""
+    import mlflow
+
+    from pipeline.mlflow_model import MODEL_NAME, log_and_register
+    from pipeline.tracking import stage_run
+
+    ckpt_path = out / "checkpoint.pt"
+    with stage_run("train", tags={"model": "idm"}, params=flatten(params)) as active:
+        summary = fit(
+            params.model, params.diffusion, params.train, images, device=device, ckpt_path=ckpt_path,
+            on_log=lambda step, values: mlflow.log_metrics(values, step=step),
+            on_sample=sample_logger(params, images, device),
+        )
+        mlflow.log_metrics({f"train_{k}": float(v) for k, v in summary.items()})
+        n_params = export_inference(ckpt_path, out / "model.pt")
+        version = log_and_register(out / "model.pt", tags={"n_params": str(n_params), "target": params.train.target})
+        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "candidate", version)
+        record = {"run_id": active.info.run_id, "model_name": MODEL_NAME, "version": version}
+    with atomic_path(out / "registered.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"registered {MODEL_NAME} version {version} (alias candidate); {summary['samples_per_s']:.1f} samples/s")
+
+
+if __name__ == "__main__":
+    run(main)
