@@ -20,6 +20,7 @@ from idm.diffusion import Schedule, make_schedule
 from idm.resize import resize_uint8
 from idm.sampling import SAMPLERS, spaced_timesteps, super_resolve
 from idm.targets import decode
+from idm.tiling import choose_tile, tiled_super_resolve
 
 
 class Method(Protocol):
@@ -55,12 +56,15 @@ class DiffusionSR:
     """An IDM network as a Method: condition once per image, then a few-step sampler.
 
     The initial noise comes from a generator seeded with `seed` for every image, so
-    outputs are reproducible image by image whatever the evaluation order.
+    outputs are reproducible image by image whatever the evaluation order. With
+    `max_bytes`, an output whose untiled run would exceed that memory estimate is made
+    tile by tile (idm.tiling), with `overlap` LR pixels between tiles.
     """
 
     def __init__(self, model: nn.Module, *, schedule: Schedule, timesteps: Sequence[int], sampler: str = "ddim",
                  eta: float = 0.0, target: str = "image", residual_scale: float = 1.0, clip_x0: bool = True,
-                 seed: int = 0, device: torch.device | str = "cpu", name: str = "idm") -> None:
+                 seed: int = 0, device: torch.device | str = "cpu", name: str = "idm",
+                 max_bytes: int | None = None, overlap: int = 8) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
         self.model = model.to(device).eval()
@@ -68,10 +72,12 @@ class DiffusionSR:
         self.sampler, self.eta, self.clip_x0 = SAMPLERS[sampler], eta, clip_x0
         self.target, self.residual_scale = target, residual_scale
         self.seed, self.device, self.name = seed, torch.device(device), name
+        self.max_bytes, self.overlap = max_bytes, overlap  # None: never tile
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, steps: int, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
-                        device: torch.device | str = "cpu", name: str = "idm") -> DiffusionSR:
+                        device: torch.device | str = "cpu", name: str = "idm", max_bytes: int | None = None,
+                        overlap: int = 8) -> DiffusionSR:
         """Rebuild the EMA model a checkpoint describes, with its own schedule and target."""
         ckpt = load_checkpoint(path)
         diffusion = DiffusionConfig(**ckpt["diffusion_config"])
@@ -81,12 +87,19 @@ class DiffusionSR:
         return cls(build_model(ckpt, use_ema=True), schedule=schedule,
                    timesteps=spaced_timesteps(diffusion.timesteps, min(steps, diffusion.timesteps)),
                    sampler=sampler, eta=eta, target=train["target"], residual_scale=train["residual_scale"],
-                   clip_x0=diffusion.clip_x0, seed=seed, device=device, name=name)
+                   clip_x0=diffusion.clip_x0, seed=seed, device=device, name=name, max_bytes=max_bytes,
+                   overlap=overlap)
 
     @torch.inference_mode()
     def __call__(self, lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         x_lr = to_model_range(lr, self.device)
         generator = torch.Generator(self.device).manual_seed(self.seed)
-        x0 = super_resolve(self.model, x_lr, size, self.timesteps, schedule=self.schedule, sampler=self.sampler,
-                           eta=self.eta, clip_x0=self.clip_x0, generator=generator)
+        kwargs = dict(schedule=self.schedule, sampler=self.sampler, eta=self.eta, clip_x0=self.clip_x0, generator=generator)
+        tile = None
+        if self.max_bytes is not None:
+            tile = choose_tile(self.model.cfg, lr.shape[:2], size, max_bytes=self.max_bytes, overlap=self.overlap)
+        if tile is None:
+            x0 = super_resolve(self.model, x_lr, size, self.timesteps, **kwargs)
+        else:
+            x0 = tiled_super_resolve(self.model, x_lr, size, self.timesteps, tile=tile, overlap=self.overlap, **kwargs)
         return to_uint8(decode(x0, x_lr, size, self.target, self.residual_scale))

@@ -22,6 +22,7 @@ from pipeline.params import ROOT
 
 MODEL_NAME = "idm"
 CHECKPOINT_ARTIFACT = "checkpoint"
+INT8_ARTIFACT = "int8"
 
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),  # the LR image, HWC RGB
@@ -35,6 +36,7 @@ class IDMPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         self.checkpoint = context.artifacts[CHECKPOINT_ARTIFACT]
+        self.int8 = context.artifacts.get(INT8_ARTIFACT)
 
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         from idm.methods import DiffusionSR
@@ -42,19 +44,23 @@ class IDMPyfunc(mlflow.pyfunc.PythonModel):
 
         params = {"scale": 4.0, "steps": 20, "seed": 0, **(params or {})}
         method = DiffusionSR.from_checkpoint(self.checkpoint, steps=int(params["steps"]), seed=int(params["seed"]))
+        if self.int8:
+            from idm.quantize import load_quantized
+
+            method.model, method.device = load_quantized(self.int8), torch.device("cpu")
         lr = np.asarray(model_input, dtype=np.uint8)
         return method(lr, target_size(lr.shape[:2], float(params["scale"])))
 
 
-def log_and_register(checkpoint: Path, *, tags: dict[str, str] | None = None) -> str:
-    """Log `checkpoint` as a pyfunc model in the active run and register a new `idm` version.
+def log_and_register(checkpoint: Path, *, int8: Path | None = None, tags: dict[str, str] | None = None) -> str:
+    """Log `checkpoint` (and its `int8` denoiser) as a pyfunc model in the active run; register a new `idm` version.
 
     Returns the version number (as MLflow gives it, a string).
     """
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(ROOT / "pipeline" / "pyfunc_model.py"),  # model from code: nothing pickled
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), **({INT8_ARTIFACT: str(int8)} if int8 else {})},
         signature=SIGNATURE,
         code_paths=[str(ROOT / "idm"), str(ROOT / "pipeline")],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pillow", "scikit-image", "tqdm"],
@@ -67,14 +73,24 @@ def log_and_register(checkpoint: Path, *, tags: dict[str, str] | None = None) ->
     return version
 
 
+def int8_beside(checkpoint: Path) -> Path | None:
+    """The int8 denoiser that goes with `checkpoint`: in its folder (a registered model's
+    artifacts) or in the quantize stage's output folder next to it; None if there is none."""
+    for candidate in (checkpoint.parent / "model_int8.pt", checkpoint.parent.parent / "idm-int8" / "model_int8.pt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def checkpoint_from_uri(uri: str, dest: Path | None = None) -> Path:
-    """Download the checkpoint of model `uri` (e.g. models:/idm@champion) and return its path."""
+    """Download the checkpoint of model `uri` (e.g. models:/idm@champion) and return its path;
+    an int8 version's denoiser lands beside it (see `int8_beside`)."""
     dest = Path(dest or tempfile.mkdtemp(prefix="idm-model-"))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except mlflow.exceptions.MlflowException as err:
         raise ValueError(f"cannot load model {uri!r}: {str(err).splitlines()[0]}") from None
-    found = sorted(local.rglob("*.pt"))
+    found = sorted(p for p in local.rglob("*.pt") if not p.name.endswith("_int8.pt"))
     if not found:
         raise ValueError(f"model {uri!r} holds no checkpoint (.pt) artifact")
     return found[0]

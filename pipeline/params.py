@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = ROOT / "params.yaml"
 
 SOURCES = ("skimage", "folder", "url")
-METHODS = ("bicubic", "idm")
+METHODS = ("bicubic", "idm", "idm-int8")
 DEVICES = ("auto", "cpu", "cuda")
 
 # The RGB photographs scikit-image ships in its wheel (no network needed).
@@ -123,8 +123,16 @@ class SampleParams:
     steps: int = 20  # network evaluations per image (spaced over the schedule)
     eta: float = 0.0  # 0: deterministic DDIM; 1: ancestral-like
     seed: int = 0  # initial noise, per image
+    max_memory_gb: float = 4.0  # outputs whose untiled run would need more are made tile by tile
+    tile_overlap: int = 8  # LR pixels shared by neighbouring tiles
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_memory_gb * 2**30)
 
     def __post_init__(self) -> None:
+        _check(self.max_memory_gb > 0, "sample.max_memory_gb", f"a number > 0, got {self.max_memory_gb}")
+        _check(self.tile_overlap >= 0, "sample.tile_overlap", f"an integer >= 0, got {self.tile_overlap}")
         _check(self.sampler in SAMPLERS, "sample.sampler", f"one of {sorted(SAMPLERS)}, got {self.sampler!r}")
         _check(self.steps >= 1, "sample.steps", f"an integer >= 1, got {self.steps}")
         _check(math.isfinite(self.eta) and self.eta >= 0, "sample.eta", f"a number >= 0, got {self.eta}")

@@ -34,7 +34,7 @@ def project(tmp_path: Path, image_folder: Path) -> Path:
     params["datasets"] = [{"name": "tiny", "source": "folder", "path": str(image_folder), "test_fraction": 0.5}]
     params["prepare"] = {"scales": [2, 3], "ood_scales": [4], "seed": 0}
     params.update({k: v for k, v in TINY.items() if k != "evaluate"})
-    params["evaluate"].update(lpips=False, fid=False, device="cpu", methods=["bicubic", "idm"])
+    params["evaluate"].update(lpips=False, fid=False, device="cpu", methods=["bicubic", "idm", "idm-int8"])
     params["report"].update(crop=16)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
@@ -45,10 +45,12 @@ def project(tmp_path: Path, image_folder: Path) -> Path:
 def test_dvc_repro_runs_every_stage_then_is_up_to_date(project):
     first = dvc(project, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
-    for stage in ("download", "prepare", "train", "evaluate", "report"):
+    for stage in ("download", "prepare", "train", "quantize", "evaluate", "report"):
         assert f"Running stage '{stage}'" in first.stdout
     numbers = json.loads((project / "reports" / "metrics.json").read_text())
-    assert set(numbers["idm"]) == set(numbers["bicubic"])
+    assert set(numbers["idm"]) == set(numbers["bicubic"]) == set(numbers["idm-int8"])
+    report = json.loads((project / "models" / "idm-int8" / "report.json").read_text())
+    assert report["int8_bytes"] < report["fp32_bytes"]
     assert (project / "models" / "idm" / "registered.json").exists()
     assert numbers["bicubic"]["psnr_y.tiny.x2"] > numbers["bicubic"]["psnr_y.tiny.x3"] > numbers["bicubic"]["psnr_y.tiny.x4"] > 15
     assert (project / "reports" / "report.md").read_text().startswith("# IDM evaluation report")

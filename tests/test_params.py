@@ -62,7 +62,7 @@ def test_values_are_converted_and_frozen():
         ({"datasets": [{"name": "a", "source": "skimage", "images": ["lena"]}]}, "unknown ['lena']"),
         ({"datasets": [BASE["datasets"][0], BASE["datasets"][0]]}, "duplicates ['tiny']"),
         ({"datasets": []}, "at least one dataset"),
-        ({**BASE, "evaluate": {"methods": ["nearest"]}}, "evaluate.methods must be a non-empty list from ['bicubic', 'idm']"),
+        ({**BASE, "evaluate": {"methods": ["nearest"]}}, "evaluate.methods must be a non-empty list from ['bicubic', 'idm', 'idm-int8']"),
         ({**BASE, "evaluate": {"device": "tpu"}}, "evaluate.device must be one of ['auto', 'cpu', 'cuda']"),
         ({"datasets": [{"source": "skimage"}]}, "datasets[0]"),
         ({**BASE, "model": {"preset": "huge"}}, "model.preset must be one of ['paper', 'tiny']"),

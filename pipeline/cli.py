@@ -1,0 +1,125 @@
+"""The `idm` command: `idm upscale IMAGE... --scale 3.7 --out DIR` (and `idm serve`).
+
+`--model` takes a checkpoint path or an MLflow model URI (default models:/idm@champion).
+Outputs are PNG files named <stem>_x<scale>.png (or <stem>_<W>x<H>.png), written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from idm.io import ImageReadError, read_image, write_image
+from idm.resize import check_scale, target_size
+
+DEFAULT_MODEL = "models:/idm@champion"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1920x1080' (width x height) -> (height, width)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must look like 1920x1080 (width x height), got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"--size must be positive, got {text!r}")
+    return height, width
+
+
+def parse_scale(text: str) -> float:
+    try:
+        return check_scale(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def load_method(args: argparse.Namespace):
+    """The IDM method for --model (a checkpoint path or an MLflow model URI), fp32 or int8."""
+    import torch
+
+    from idm.device import resolve_device
+    from idm.methods import DiffusionSR
+
+    path = Path(args.model)
+    if "://" in args.model or args.model.startswith("models:/"):
+        from pipeline.mlflow_model import checkpoint_from_uri
+        from pipeline.tracking import setup
+
+        setup()
+        path = checkpoint_from_uri(args.model)
+    elif not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model checkpoint (give a .pt path or a models:/ URI)")
+    max_bytes = None if args.no_tiling else int(args.max_memory_gb * 2**30)
+    method = DiffusionSR.from_checkpoint(path, steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                                         device=str(resolve_device(args.device)), max_bytes=max_bytes)
+    if args.int8:
+        from idm.quantize import load_quantized
+        from pipeline.mlflow_model import int8_beside
+
+        int8 = int8_beside(path)
+        if int8 is None:
+            raise FileNotFoundError(f"--int8: no model_int8.pt beside {path} or in {path.parent.parent / 'idm-int8'}; "
+                                    f"run `dvc repro quantize` or pass a model version tagged quantization=int8")
+        method.model, method.device = load_quantized(int8), torch.device("cpu")  # int8 kernels are CPU-only
+    return method
+
+
+def upscale(args: argparse.Namespace) -> None:
+    """Read every input first (fail fast, write nothing on bad input), then upscale each."""
+    images = {path: read_image(path) for path in args.images}
+    method = load_method(args)
+    from idm.tiling import check_memory
+
+    for path, lr in tqdm(images.items(), desc="upscale", unit="image", disable=len(images) < 2):
+        size = args.size or target_size(lr.shape[:2], args.scale)
+        if args.no_tiling:
+            check_memory(method.model.cfg, size, max_bytes=int(args.max_memory_gb * 2**30))
+        suffix = f"x{args.scale:g}" if args.scale else f"{size[1]}x{size[0]}"
+        out = args.out / f"{Path(path).stem}_{suffix}.png"
+        write_image(out, method(lr, size))
+        print(f"{path} ({lr.shape[1]}x{lr.shape[0]}) -> {out} ({size[1]}x{size[0]})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upscale", help="super-resolve images by any scale")
+    up.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    target = up.add_mutually_exclusive_group(required=True)
+    target.add_argument("--scale", type=parse_scale, help="magnification, a number > 1 (e.g. 3.7)")
+    target.add_argument("--size", type=parse_size, help="output size WIDTHxHEIGHT (e.g. 1920x1080)")
+    up.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint path or MLflow model URI (default {DEFAULT_MODEL})")
+    up.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    up.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    up.add_argument("--eta", type=float, default=0.0)
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--int8", action="store_true", help="int8-quantized denoiser (CPU)")
+    up.add_argument("--device", default="auto")
+    up.add_argument("--max-memory-gb", type=float, default=4.0, help="tile outputs that would need more (default 4)")
+    up.add_argument("--no-tiling", action="store_true", help="fail instead of tiling when over --max-memory-gb")
+    up.add_argument("--out", type=Path, required=True, help="output folder")
+    sub.add_parser("serve", help="Prefect server + MLflow UI + scheduled flows (same as make serve)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # its own options: idm serve --help
+        from pipeline.serve import main as serve
+
+        sys.exit(serve(argv[1:]))
+    args = build_parser().parse_args(argv)
+    if args.steps < 1:
+        build_parser().error(f"--steps must be >= 1, got {args.steps}")
+    try:
+        upscale(args)
+    except (ImageReadError, ValueError, FileNotFoundError) as err:
+        print(f"idm: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
