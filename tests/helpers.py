@@ -43,3 +43,24 @@ def make_image_folder(folder: Path) -> Path:
     Image.fromarray((photo(48, 60, 5)[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
     Image.fromarray(photo(66, 70, 6)).save(folder / "jpeg.jpg", quality=95)
     return folder
+
+
+def stage_store_runs(filter_string: str) -> list:
+    """Runs of experiment `idm` in the store the stage subprocesses log to ($MLFLOW_TRACKING_URI),
+    newest first; other tests may have pointed this process's MLflow elsewhere."""
+    import os
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("idm")
+    return client.search_runs([experiment.experiment_id], filter_string, order_by=["attributes.start_time DESC"])
+
+
+def stage_store_client():
+    """An MlflowClient on the store the stage subprocesses log to."""
+    import os
+
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])

@@ -19,7 +19,7 @@ from PIL import Image
 from idm import metrics
 from idm.io import read_image
 from idm.resize import resize_uint8
-from tests.helpers import photo
+from tests.helpers import photo, stage_store_client, stage_store_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,15 +88,12 @@ def test_stages_end_to_end(work):
     assert {"ssim_rgb.tiny.x4", "consistency.tiny.x2", "psnr_rgb.tiny.x2"} <= set(numbers["bicubic"])
     assert len(list((p["sr"] / "bicubic" / "tiny" / "x4").glob("*.png"))) == 3
 
-    import mlflow
-
-    runs = mlflow.search_runs(experiment_names=["idm"], filter_string="tags.method = 'bicubic'", output_format="list")
-    run = max(runs, key=lambda r: r.info.start_time)
+    run = stage_store_runs("tags.method = 'bicubic'")[0]
     assert run.data.metrics["psnr_y.tiny.x2.5"] == pytest.approx(expected, abs=1e-5)
     assert run.data.tags["dvc_stage"] == "evaluate" and run.data.tags["datasets"] == "tiny"
     assert run.data.tags["unavailable.lpips"].startswith("disabled")
     assert run.data.params["prepare.scales"] == "(2.0, 2.5)"
-    series = mlflow.MlflowClient().get_metric_history(run.info.run_id, "psnr_y.tiny")
+    series = stage_store_client().get_metric_history(run.info.run_id, "psnr_y.tiny")
     assert sorted(m.step for m in series) == [20, 25, 40]
 
     r = stage("report", "--params", p["params"], "--prepared", p["prepared"], "--sr", p["sr"], "--reports", p["reports"])

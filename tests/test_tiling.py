@@ -13,8 +13,8 @@ from idm.models import IDM
 from idm.resize import resize
 from idm.sampling import sample_ddim, spaced_timesteps, super_resolve
 from idm.targets import decode, encode
-from idm.tiling import (check_memory, choose_tile, estimate_peak_bytes, hr_coord, plan_axis,
-                        tile_starts, tiled_apply, tiled_super_resolve)
+from idm.tiling import (check_memory, choose_tile, estimate_peak_bytes, estimate_tiled_peak_bytes, hr_coord,
+                        plan_axis, tile_starts, tiled_apply, tiled_super_resolve)
 from tests.helpers import photo
 
 TINY = MODEL_PRESETS["tiny"]
@@ -144,6 +144,7 @@ def test_choose_tile_fits_the_bound() -> None:
     assert choose_tile(TINY, (32, 32), (128, 128), max_bytes=bound, overlap=8) is None
     tile = choose_tile(TINY, (512, 512), (2048, 2048), max_bytes=bound, overlap=16)
     assert tile is not None and 16 < tile < 512
-    assert estimate_peak_bytes(TINY, (4 * tile, 4 * tile)) <= bound < estimate_peak_bytes(TINY, (4 * tile + 4,) * 2)
+    fits = estimate_tiled_peak_bytes(TINY, (512, 512), (2048, 2048), tile=tile)
+    assert fits <= bound < estimate_tiled_peak_bytes(TINY, (512, 512), (2048, 2048), tile=tile + 1)
     with pytest.raises(ValueError, match="no tile"):
         choose_tile(TINY, (512, 512), (2048, 2048), max_bytes=2**20, overlap=16)

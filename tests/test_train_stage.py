@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 
-from tests.helpers import TINY, make_image_folder
+from tests.helpers import TINY, make_image_folder, stage_store_client, stage_store_runs
 from tests.test_stages import assert_user_error, stage, write_params
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ def evaluate(p: dict[str, Path], *extra: str | Path) -> subprocess.CompletedProc
 def test_train_registers_and_evaluate_links(trained):
     p = trained
     record = json.loads((p["models"] / "registered.json").read_text())
-    client = mlflow.MlflowClient()
+    client = stage_store_client()
     version = client.get_model_version_by_alias("idm", "candidate")
     assert str(version.version) == record["version"] and version.run_id == record["run_id"]
     train_run = client.get_run(record["run_id"])
@@ -57,8 +56,7 @@ def test_train_registers_and_evaluate_links(trained):
     numbers = json.loads((p["reports"] / "metrics.json").read_text())
     assert {"bicubic", "idm"} <= set(numbers)
     assert set(numbers["idm"]) == set(numbers["bicubic"])
-    runs = mlflow.search_runs(experiment_names=["idm"], filter_string="tags.method = 'idm'", output_format="list")
-    assert max(runs, key=lambda r: r.info.start_time).data.tags["train_run_id"] == record["run_id"]
+    assert stage_store_runs("tags.method = 'idm'")[0].data.tags["train_run_id"] == record["run_id"]
 
     # A registered model evaluates by URI, outside DVC, under its own label.
     r = evaluate(p, "--model-uri", "models:/idm@candidate", "--label", "champion")
