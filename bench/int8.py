@@ -24,6 +24,7 @@ import argparse  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -60,7 +61,8 @@ def sizes(fp32: torch.nn.Module, int8: IDM) -> tuple[int, int]:
         return file_size(Path(tmp) / "fp32.pt"), file_size(Path(tmp) / "int8.pt")
 
 
-def pt2e_step(model: IDM, lr: torch.Tensor, size: tuple[int, int], calib_steps: list[int]) -> tuple:
+def pt2e_step(model: IDM, lr: torch.Tensor, size: tuple[int, int],
+              calib_gammas: list[float]) -> tuple[Callable[[], torch.Tensor], float]:
     """torchao PT2E + X86InductorQuantizer int8 UNet compiled by Inductor: (step fn, compile s)."""
     import torch._inductor.config as inductor_config
     from torch.export import Dim, export
@@ -77,7 +79,7 @@ def pt2e_step(model: IDM, lr: torch.Tensor, size: tuple[int, int], calib_steps: 
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported.module(), quantizer)
     with torch.no_grad():
-        for g in calib_steps:
+        for g in calib_gammas:
             prepared(x, torch.full_like(gamma, g), cond.pyramid, cond.code)
     inductor_config.freezing = True
     compiled = torch.compile(convert_pt2e(prepared))

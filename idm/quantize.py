@@ -21,13 +21,14 @@ prepare_pt2e / convert_pt2e with the X86InductorQuantizer): in torch 2.14.1 +
 torchao 0.18 it exports and quantizes this UNet, but the converted graph only runs in
 int8 after torch.compile (Inductor fuses the quantize/dequantize pairs into oneDNN
 int8 kernels); run eagerly it simulates int8 in float32 and is slower than float32.
-Compiling the paper-size UNet took 4-6 minutes on 2 cores, again for every new
-(batch, height, width), and a continuous-scale model sees a new size for almost every
-scale. torch.ao's eager modules (nn.quantized.Conv2d, x86/FBGEMM backend) run real
-int8 kernels at any size with no compile step, and measured faster (bench/int8.py
-prints both side by side). So this module uses the eager path despite its deprecation
-warnings; it should move to PT2E once Inductor compiles such graphs for dynamic shapes
-in reasonable time.
+Compiling the paper-size UNet took 80-370 s on this 2-core machine (load-dependent),
+again for every new (batch, height, width), and a continuous-scale model sees a new
+size for almost every scale; once compiled it ran at 0.86x the float32 eager speed
+(2 threads; 1.4x with 1 thread). torch.ao's eager modules (nn.quantized.Conv2d,
+x86 engine) run real int8 kernels at any size with no compile step: 1.73-1.79x the
+float32 speed, measured side by side (bench/int8.py --pt2e, paper preset, 16 -> 128).
+So this module uses the eager path despite its deprecation warnings; it should move
+to PT2E once Inductor's int8 graphs win here and compile for dynamic shapes.
 
 File format: `torch.save` of plain data, loadable with `torch.load(weights_only=True)`:
 {"format", "model_config": asdict(ModelConfig), "reduce_range": bool, "state": the
