@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/README.md: shared machines
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -48,6 +49,7 @@ class Trained:
     schedule: Schedule
     target: str
     residual_scale: float
+    temperature: float = 1.0
 
 
 def load_trained(path: Path) -> Trained:
@@ -83,9 +85,11 @@ def upscale(net: Trained, model: torch.nn.Module, lr: np.ndarray, size: tuple[in
     """One SR image (H, W, 3) uint8; `model` may be net.model or a quantized copy."""
     lr_t = to_tensor(lr)
     with torch.inference_mode():
-        x0 = super_resolve(model, lr_t, size, timesteps, schedule=net.schedule, sampler=sampler,
-                           generator=torch.Generator().manual_seed(seed))
-        return to_uint8(decode(x0, lr_t, size, net.target, net.residual_scale))
+        image = super_resolve(model, lr_t, size, timesteps, schedule=net.schedule, sampler=sampler,
+                              temperature=net.temperature, generator=torch.Generator().manual_seed(seed),
+                              decode=lambda x0, lr, cond: decode(x0, lr, size, net.target, net.residual_scale,
+                                                                 x_con=cond.x_con))
+        return to_uint8(image)
 
 
 def evaluate(net: Trained, model: torch.nn.Module, pairs: list, timesteps: Sequence[int], sampler: Sampler,
@@ -109,10 +113,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     parser.add_argument("--no-ddpm", action="store_true", help="skip ancestral sampling with all T steps")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the initial noise (params sample.temperature)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {load_average()}")
-    net = load_trained(args.checkpoint)
+    net = dataclasses.replace(load_trained(args.checkpoint), temperature=args.temperature)
     pairs = test_pairs(args.folder, args.scale, args.crop)
     total = net.schedule.timesteps
     runs = [] if args.no_ddpm else [("ancestral (DDPM)", total, sample_ddpm)]
@@ -128,7 +133,7 @@ def main() -> None:
         rows.append(f"| {name} | {n} | {psnr:.2f} | {seconds:.2f} | {first / seconds:.1f}x |")
         print(rows[-1], flush=True)
     print(f"\n{args.checkpoint}, {len(pairs)} images of {args.folder.name} (crop {args.crop}), x{args.scale:g}, "
-          f"target {net.target}, {args.threads} threads\n")
+          f"target {net.target}, temperature {net.temperature:g}, {args.threads} threads\n")
     print("\n".join(rows))
     print(f"load average after: {load_average()}")
 

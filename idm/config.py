@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from idm.diffusion import LOSSES, SCHEDULES
+from idm.prediction import PREDICTIONS
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -45,6 +46,7 @@ class ModelConfig:
     norm_groups: int = 32
     implicit_hidden: int = 256  # hidden width of the coordinate MLP of each up-step
     modulation_hidden: int = 64  # hidden width of the scale -> (s1, s2) maps
+    prediction: str = "eps"  # what the denoiser outputs: eps (paper) | x0 | v (idm.prediction)
 
     def __post_init__(self) -> None:
         mults = _int_tuple("channel_mults", self.channel_mults)
@@ -63,6 +65,8 @@ class ModelConfig:
         if any(isinstance(a, bool) or a not in levels for a in attention):
             raise ValueError(f"attention_levels must be level indices in {list(levels)} "
                              f"(one per channel_mults entry), got {list(attention)}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; expected one of {list(PREDICTIONS)}")
         if not isinstance(self.mid_attention, bool):
             raise ValueError(f"mid_attention must be True or False, got {self.mid_attention!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \

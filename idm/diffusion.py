@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from idm.prediction import training_target
+
 if TYPE_CHECKING:  # idm.models imports idm.config, which imports this module
     from idm.models import Condition
 
@@ -100,11 +102,13 @@ def noise_levels(schedule: Schedule, batch: int, *, generator: torch.Generator |
 
 
 def training_loss(model: nn.Module, x0: Tensor, cond: Condition, *, schedule: Schedule,
-                  loss: str = "l1", generator: torch.Generator | None = None) -> Tensor:
-    """Noise-prediction loss of `model` on clean images x0 (B, 3, H, W) in [-1, 1].
+                  loss: str = "l1", prediction: str = "eps", generator: torch.Generator | None = None) -> Tensor:
+    """Denoising loss of `model` on clean images x0 (B, 3, H, W) in [-1, 1].
 
-    model(x_t, gamma, cond) predicts the noise; returns the mean `loss` ("l1" as IDM,
-    or "l2") between prediction and true noise, a scalar with gradients.
+    With prediction "eps", model(x_t, gamma, cond) predicts the noise (SR3, IDM); with
+    "x0" or "v", model(x_t, gamma, cond, raw=True) predicts that (idm.prediction).
+    Returns the mean `loss` ("l1" as IDM, or "l2") between the output and its target,
+    a scalar with gradients.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)}")
@@ -114,4 +118,6 @@ def training_loss(model: nn.Module, x0: Tensor, cond: Condition, *, schedule: Sc
     g = gamma[:, None, None, None]
     # SR3 eq. 4 / DDPM eq. 4: x_t = gamma * x0 + sqrt(1 - gamma^2) * eps
     x_t = g * x0 + (1 - g**2).sqrt() * eps
-    return LOSSES[loss](model(x_t, gamma, cond), eps)
+    if prediction == "eps":
+        return LOSSES[loss](model(x_t, gamma, cond), eps)
+    return LOSSES[loss](model(x_t, gamma, cond, raw=True), training_target(prediction, x0, eps, g))

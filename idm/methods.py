@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from idm.checkpoint import build_model, load_checkpoint
 from idm.config import DiffusionConfig
 from idm.diffusion import Schedule, make_schedule
+from idm.models import Condition
 from idm.resize import resize_uint8
-from idm.sampling import SAMPLERS, spaced_timesteps, super_resolve
+from idm.sampling import SAMPLERS, check_temperature, spaced_timesteps, super_resolve
 from idm.targets import decode
 from idm.tiling import choose_tile, tiled_super_resolve
 
@@ -58,13 +59,14 @@ class DiffusionSR:
     The initial noise comes from a generator seeded with `seed` for every image, so
     outputs are reproducible image by image whatever the evaluation order. With
     `max_bytes`, an output whose untiled run would exceed that memory estimate is made
-    tile by tile (idm.tiling), with `overlap` LR pixels between tiles.
+    tile by tile (idm.tiling), with `overlap` LR pixels between tiles. `temperature`
+    scales the initial noise (idm.sampling.super_resolve).
     """
 
     def __init__(self, model: nn.Module, *, schedule: Schedule, timesteps: Sequence[int], sampler: str = "ddim",
                  eta: float = 0.0, target: str = "image", residual_scale: float = 1.0, clip_x0: bool = True,
                  seed: int = 0, device: torch.device | str = "cpu", name: str = "idm",
-                 max_bytes: int | None = None, overlap: int = 8) -> None:
+                 max_bytes: int | None = None, overlap: int = 8, temperature: float = 1.0) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
         self.model = model.to(device).eval()
@@ -73,11 +75,13 @@ class DiffusionSR:
         self.target, self.residual_scale = target, residual_scale
         self.seed, self.device, self.name = seed, torch.device(device), name
         self.max_bytes, self.overlap = max_bytes, overlap  # None: never tile
+        check_temperature(temperature)
+        self.temperature = temperature
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, steps: int, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
                         device: torch.device | str = "cpu", name: str = "idm", max_bytes: int | None = None,
-                        overlap: int = 8) -> DiffusionSR:
+                        overlap: int = 8, temperature: float = 1.0) -> DiffusionSR:
         """Rebuild the EMA model a checkpoint describes, with its own schedule and target."""
         ckpt = load_checkpoint(path)
         diffusion = DiffusionConfig(**ckpt["diffusion_config"])
@@ -88,18 +92,24 @@ class DiffusionSR:
                    timesteps=spaced_timesteps(diffusion.timesteps, min(steps, diffusion.timesteps)),
                    sampler=sampler, eta=eta, target=train["target"], residual_scale=train["residual_scale"],
                    clip_x0=diffusion.clip_x0, seed=seed, device=device, name=name, max_bytes=max_bytes,
-                   overlap=overlap)
+                   overlap=overlap, temperature=temperature)
 
     @torch.inference_mode()
     def __call__(self, lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         x_lr = to_model_range(lr, self.device)
         generator = torch.Generator(self.device).manual_seed(self.seed)
-        kwargs = dict(schedule=self.schedule, sampler=self.sampler, eta=self.eta, clip_x0=self.clip_x0, generator=generator)
+        kwargs = dict(schedule=self.schedule, sampler=self.sampler, eta=self.eta, clip_x0=self.clip_x0,
+                      temperature=self.temperature, decode=self._decode, generator=generator)
         tile = None
         if self.max_bytes is not None:
             tile = choose_tile(self.model.cfg, lr.shape[:2], size, max_bytes=self.max_bytes, overlap=self.overlap)
         if tile is None:
-            x0 = super_resolve(self.model, x_lr, size, self.timesteps, **kwargs)
+            image = super_resolve(self.model, x_lr, size, self.timesteps, **kwargs)
         else:
-            x0 = tiled_super_resolve(self.model, x_lr, size, self.timesteps, tile=tile, overlap=self.overlap, **kwargs)
-        return to_uint8(decode(x0, x_lr, size, self.target, self.residual_scale))
+            image = tiled_super_resolve(self.model, x_lr, size, self.timesteps, tile=tile, overlap=self.overlap,
+                                        **kwargs)
+        return to_uint8(image)
+
+    def _decode(self, x0: Tensor, lr: Tensor, cond: Condition) -> Tensor:
+        """The sampler's x0 as an image (the model's target may be a residual; idm.targets)."""
+        return decode(x0, lr, tuple(x0.shape[-2:]), self.target, self.residual_scale, x_con=cond.x_con)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from idm.config import ModelConfig
 from idm.diffusion import Schedule
 from idm.models import IDM
-from idm.sampling import Sampler, sample_ddpm
+from idm.sampling import Decoder, Sampler, check_temperature, sample_ddpm
 
 TileFn = Callable[..., Tensor]
 
@@ -138,22 +138,25 @@ def tiled_apply(fn: TileFn, lr: Tensor, size: tuple[int, int], *, tile: int, ove
 @torch.no_grad()
 def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], timesteps: Sequence[int], *,
                         schedule: Schedule, tile: int, overlap: int, sampler: Sampler = sample_ddpm,
-                        eta: float | None = None, clip_x0: bool = True,
-                        generator: torch.Generator | None = None) -> Tensor:
+                        eta: float | None = None, clip_x0: bool = True, temperature: float = 1.0,
+                        decode: Decoder | None = None, generator: torch.Generator | None = None) -> Tensor:
     """`idm.sampling.super_resolve`, tile by tile: lr (B, 3, h, w) -> (B, 3, H, W) in [-1, 1].
 
     x_T is drawn once for the whole (H, W) image with `generator`, and every tile starts
     from its crop, so with a deterministic sampler (DDIM, eta = 0) overlapping tiles
-    agree up to their different context. Each tile's condition is computed once.
+    agree up to their different context. Each tile's condition is computed once, and
+    `decode` (idm.sampling.super_resolve) is applied tile by tile, before blending.
     """
+    check_temperature(temperature)
     where = generator.device if generator is not None else lr.device
-    x_T = torch.randn((lr.shape[0], 3, *size), generator=generator, device=where, dtype=lr.dtype).to(lr.device)
+    x_T = temperature * torch.randn((lr.shape[0], 3, *size), generator=generator, device=where, dtype=lr.dtype).to(lr.device)
     extra = {} if eta is None else {"eta": eta}
 
     def one_tile(lr_tile: Tensor, tile_size: tuple[int, int], x_T_tile: Tensor) -> Tensor:
         cond = model.condition(lr_tile, tile_size)
-        return sampler(model, cond, x_T_tile, timesteps, schedule=schedule, clip_x0=clip_x0,
-                       generator=generator, **extra)
+        x0 = sampler(model, cond, x_T_tile, timesteps, schedule=schedule, clip_x0=clip_x0,
+                     generator=generator, **extra)
+        return x0 if decode is None else decode(x0, lr_tile, cond)
 
     return tiled_apply(one_tile, lr, size, tile=tile, overlap=overlap, noise=x_T)
 

@@ -64,8 +64,9 @@ class TrainConfig:
     sample_every: int = 0  # 0: never call on_sample
     seed: int = 0
     target: str = "image"  # what the diffusion denoises, one of idm.targets.TARGETS
-    residual_scale: float = 0.5  # target "residual": x0 = (HR - bicubic) / residual_scale
+    residual_scale: float = 0.5  # targets "residual" / "refine": x0 = (HR - bicubic or x_con) / residual_scale
     flips: bool = True  # random horizontal and vertical flips
+    condition_loss: float = 0.0  # weight of an L1 loss of the condition x_con against HR; 0: paper (none)
 
     def __post_init__(self) -> None:
         for name, least in (("steps", 1), ("batch_size", 1), ("patch_size", 2), ("checkpoint_every", 0),
@@ -85,6 +86,8 @@ class TrainConfig:
                self.residual_scale)
         _check(self.target in TARGETS, "target", f"one of {sorted(TARGETS)}", self.target)
         _check(isinstance(self.flips, bool), "flips", "True or False", self.flips)
+        _check(_is_number(self.condition_loss) and self.condition_loss >= 0, "condition_loss", "a number >= 0",
+               self.condition_loss)
 
 
 # ---------------------------------------------------------------- data
@@ -184,8 +187,14 @@ class Objective(nn.Module):
 
     def forward(self, hr: Tensor, lr: Tensor, generator: torch.Generator) -> Tensor:
         cond = self.model.condition(lr, hr.shape[-2:])
-        x0 = encode(hr, lr, self.cfg.target, self.cfg.residual_scale)
-        return training_loss(self.model, x0, cond, schedule=self.schedule, loss=self.loss, generator=generator)
+        x0 = encode(hr, lr, self.cfg.target, self.cfg.residual_scale, x_con=cond.x_con)
+        loss = training_loss(self.model, x0, cond, schedule=self.schedule, loss=self.loss,
+                             prediction=self.model.cfg.prediction, generator=generator)
+        if self.cfg.condition_loss:
+            # An L1 regression of the image-like condition on HR (LIIF's loss), so the
+            # encoder gives the denoiser a good estimate instead of an arbitrary picture.
+            loss = loss + self.cfg.condition_loss * (cond.x_con - hr).abs().mean()
+        return loss
 
 
 # ---------------------------------------------------------------- distributed

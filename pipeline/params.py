@@ -123,6 +123,7 @@ class SampleParams:
     steps: int = 20  # network evaluations per image (spaced over the schedule)
     eta: float = 0.0  # 0: deterministic DDIM; 1: ancestral-like
     seed: int = 0  # initial noise, per image
+    temperature: float = 1.0  # scale of the initial noise: 1 samples the model, < 1 favours PSNR over texture
     max_memory_gb: float = 4.0  # outputs whose untiled run would need more are made tile by tile
     tile_overlap: int = 8  # LR pixels shared by neighbouring tiles
 
@@ -136,6 +137,7 @@ class SampleParams:
         _check(self.sampler in SAMPLERS, "sample.sampler", f"one of {sorted(SAMPLERS)}, got {self.sampler!r}")
         _check(self.steps >= 1, "sample.steps", f"an integer >= 1, got {self.steps}")
         _check(math.isfinite(self.eta) and self.eta >= 0, "sample.eta", f"a number >= 0, got {self.eta}")
+        _check(0 <= self.temperature <= 1, "sample.temperature", f"a number in [0, 1], got {self.temperature}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from idm.config import MODEL_PRESETS
 from idm.diffusion import (SCHEDULES, Schedule, cosine_betas, linear_betas, make_schedule,
                            noise_levels, training_loss)
 from idm.models import IDM, Condition
+from idm.prediction import PREDICTIONS, to_eps, training_target
 from idm.sampling import SAMPLERS, sample_ddim, sample_ddpm, spaced_timesteps, super_resolve
 
 TINY = replace(MODEL_PRESETS["tiny"], encoder_blocks=1, encoder_channels=8, base_channels=8,
@@ -205,3 +206,77 @@ def test_samplers_reject_bad_timesteps(timesteps: list[int]) -> None:
     with pytest.raises(ValueError, match=r"strictly descending sequence of steps in \[1, 10\]"):
         sample_ddpm(Oracle(torch.zeros(1, 3, 2, 2)), cond, torch.zeros(1, 3, 2, 2), timesteps,
                     schedule=schedule)
+
+
+# ---------------------------------------------------------------- parameterizations (idm.prediction)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_each_prediction_target_maps_back_to_the_noise(prediction: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 5, 5, dtype=torch.float64, generator=gen) * 2 - 1
+    eps = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=gen)
+    gamma = torch.tensor([0.05, 0.5, 0.9, 0.999], dtype=torch.float64)[:, None, None, None]
+    x_t = gamma * x0 + (1 - gamma**2).sqrt() * eps
+    target = training_target(prediction, x0, eps, gamma)
+    torch.testing.assert_close(to_eps(prediction, target, x_t, gamma), eps, atol=1e-9, rtol=0)
+
+
+def test_v_target_golden_value() -> None:
+    # v = gamma * eps - sqrt(1 - gamma^2) * x0 (Salimans & Ho 2022): gamma 0.6 -> sigma 0.8
+    v = training_target("v", torch.tensor([0.5]), torch.tensor([2.0]), torch.tensor([0.6]))
+    assert v.item() == pytest.approx(0.6 * 2.0 - 0.8 * 0.5)
+    with pytest.raises(ValueError, match=r"expected one of \['eps', 'x0', 'v'\]"):
+        training_target("score", torch.zeros(1), torch.zeros(1), torch.ones(1))
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_idm_forward_returns_the_noise_whatever_it_predicts(prediction: str) -> None:
+    torch.manual_seed(0)
+    model = IDM(replace(TINY, prediction=prediction)).eval()
+    x_t = torch.randn(2, 3, 12, 10)
+    gamma = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        cond = model.condition(torch.rand(2, 3, 6, 5) * 2 - 1, (12, 10))
+        raw, eps = model(x_t, gamma, cond, raw=True), model(x_t, gamma, cond)
+    torch.testing.assert_close(eps, to_eps(prediction, raw, x_t, gamma[:, None, None, None]))
+    assert not torch.allclose(raw, eps)
+
+
+def test_training_loss_uses_the_models_parameterization() -> None:
+    """An oracle that outputs the exact x0 has zero loss as an x0-predictor, not as an eps-predictor."""
+    x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    schedule = make_schedule("linear", 100, beta_start=1e-4, beta_end=0.05)
+
+    def exact_x0(x_t: Tensor, gamma: Tensor, cond: object, raw: bool = False) -> Tensor:
+        return x0
+
+    as_x0 = training_loss(exact_x0, x0, None, schedule=schedule, prediction="x0",
+                          generator=torch.Generator().manual_seed(0))
+    as_eps = training_loss(exact_x0, x0, None, schedule=schedule, prediction="eps",
+                           generator=torch.Generator().manual_seed(0))
+    assert as_x0.item() == 0.0 and as_eps.item() > 0.3
+
+
+def test_bad_prediction_in_the_model_config_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"unknown prediction 'score'; expected one of \['eps', 'x0', 'v'\]"):
+        replace(TINY, prediction="score")
+
+
+# ---------------------------------------------------------------- temperature
+
+
+def test_temperature_zero_is_deterministic_and_one_is_the_default(tiny_model: IDM) -> None:
+    schedule = make_schedule("linear", 2000)
+    lr = torch.rand(1, 3, 5, 6) * 2 - 1
+
+    def run(seed: int, **kwargs) -> Tensor:
+        return super_resolve(tiny_model, lr, (10, 12), [2000, 1000, 10], schedule=schedule, sampler=sample_ddim,
+                             generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    torch.testing.assert_close(run(0, temperature=0.0), run(1, temperature=0.0), atol=0, rtol=0)
+    torch.testing.assert_close(run(0), run(0, temperature=1.0), atol=0, rtol=0)
+    assert not torch.allclose(run(0), run(1))
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="temperature must be a number in"):
+            run(0, temperature=bad)

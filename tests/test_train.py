@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import idm.train
-from idm.checkpoint import load_checkpoint
+from idm.checkpoint import build_model, load_checkpoint
 from idm.config import DiffusionConfig, ModelConfig
 from idm.resize import resize, resize_uint8
 from idm.targets import TARGETS, decode, encode
@@ -54,8 +54,9 @@ def _one_thread():
     ("ema_decay", 1.0, r"a number in \[0, 1\)"),
     ("grad_clip", -1.0, r"a number >= 0 \(0: off\)"),
     ("residual_scale", 0, "a number > 0"),
-    ("target", "noise", r"one of \['image', 'residual'\]"),
+    ("target", "noise", r"one of \['image', 'refine', 'residual'\]"),
     ("flips", 1, "True or False"),
+    ("condition_loss", -0.5, "a number >= 0"),
 ])
 def test_bad_train_config_values_name_what_is_allowed(field: str, value: object, allowed: str) -> None:
     with pytest.raises(ValueError, match=f"^{field} must be {allowed}, got {value!r}"):
@@ -77,17 +78,23 @@ def test_patch_must_hold_one_lr_pixel_and_unknown_keys_fail() -> None:
 def test_targets_are_inverse(mode: str) -> None:
     hr = torch.rand(2, 3, 15, 21) * 2 - 1
     lr = resize(hr, (5, 7))
-    x0 = encode(hr, lr, mode, residual_scale=0.25)
+    x_con = torch.rand(2, 3, 15, 21) * 2 - 1
+    x0 = encode(hr, lr, mode, residual_scale=0.25, x_con=x_con)
     assert x0.shape == hr.shape
-    torch.testing.assert_close(decode(x0, lr, (15, 21), mode, residual_scale=0.25), hr, atol=1e-6, rtol=0)
+    torch.testing.assert_close(decode(x0, lr, (15, 21), mode, residual_scale=0.25, x_con=x_con), hr,
+                               atol=1e-6, rtol=0)
 
 
 def test_residual_target_starts_at_bicubic_and_errors() -> None:
     lr = torch.rand(1, 3, 6, 5) * 2 - 1
     assert torch.equal(decode(torch.zeros(1, 3, 18, 15), lr, (18, 15), "residual"),
                        resize(lr, (18, 15)).clamp(-1, 1))
-    with pytest.raises(ValueError, match=r"unknown target 'noise'; expected one of \['image', 'residual'\]"):
+    x_con = torch.rand(1, 3, 18, 15) * 2 - 1
+    assert torch.equal(decode(torch.zeros(1, 3, 18, 15), lr, (18, 15), "refine", x_con=x_con), x_con)
+    with pytest.raises(ValueError, match=r"unknown target 'noise'; expected one of \['image', 'refine', 'residual'\]"):
         encode(torch.zeros(1, 3, 4, 4), lr, "noise")
+    with pytest.raises(ValueError, match=r"target 'refine' needs the condition x_con of size \(18, 15\), got None"):
+        decode(torch.zeros(1, 3, 18, 15), lr, (18, 15), "refine")
     with pytest.raises(ValueError, match="does not match x0"):
         decode(torch.zeros(1, 3, 18, 15), lr, (15, 18), "image")
 
@@ -180,6 +187,28 @@ def test_a_tiny_model_overfits_one_image() -> None:
                   on_log=lambda step, m: losses.append(m["loss"]))
     assert len(losses) == 30 and summary["final_loss"] == losses[-1] and summary["steps"] == 300
     assert losses[-1] / losses[0] < 0.3, losses
+
+
+def test_condition_loss_trains_the_encoder_towards_hr(tmp_path: Path) -> None:
+    """With condition_loss, x_con is regressed on HR: its error falls well below the untrained encoder's."""
+    hr_img = photo(24, 24, 2)
+    hr = torch.from_numpy(hr_img).permute(2, 0, 1)[None].float() / 127.5 - 1
+    lr = resize(hr, (12, 12))
+    model_cfg = replace(TINY, dropout=0.0, prediction="v")
+
+    def x_con_error(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return (model.condition(lr, (24, 24)).x_con - hr).abs().mean().item()
+
+    errors = {}
+    for weight in (0.0, 1.0):
+        cfg = TrainConfig(steps=150, batch_size=4, patch_size=24, scale_min=2.0, scale_max=2.01, lr=5e-3,
+                          ema_decay=0.0, flips=False, target="residual", condition_loss=weight)
+        fit(model_cfg, DiffusionConfig(), cfg, [hr_img], device="cpu", ckpt_path=tmp_path / f"{weight}.pt",
+            progress=False)
+        errors[weight] = x_con_error(build_model(load_checkpoint(tmp_path / f"{weight}.pt"), use_ema=True))
+    bicubic = (resize(lr, (24, 24)) - hr).abs().mean().item()
+    assert errors[1.0] < 0.85 * bicubic and errors[1.0] < 0.5 * errors[0.0], (errors, bicubic)
 
 
 def _states(path: Path) -> dict:

@@ -11,6 +11,7 @@ from idm.config import ModelConfig
 from idm.models.encoder import ConditionPyramid, LREncoder
 from idm.models.modulation import scale_code
 from idm.models.unet import UNet
+from idm.prediction import to_eps
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,19 @@ class IDM(nn.Module):
                           device=lr.device, dtype=lr.dtype)
         return Condition(x_con, self.pyramid(x_con), code)
 
-    def forward(self, x_t: Tensor, noise_level: Tensor, cond: Condition) -> Tensor:
-        """Predict the noise: x_t (B, 3, H, W), noise_level (B,) = sqrt(alpha_bar) -> (B, 3, H, W)."""
+    def forward(self, x_t: Tensor, noise_level: Tensor, cond: Condition, *, raw: bool = False) -> Tensor:
+        """Predict the noise: x_t (B, 3, H, W), noise_level (B,) = sqrt(alpha_bar) -> (B, 3, H, W).
+
+        The network itself predicts `cfg.prediction` (eps, x0 or v; idm.prediction);
+        forward converts that to the noise so every sampler sees one contract. With
+        raw=True it returns the network's own output (the training loss uses it).
+        """
         if x_t.shape[0] != len(cond) or tuple(x_t.shape[-2:]) != cond.size:
             raise ValueError(f"x_t {tuple(x_t.shape)} does not match the condition: "
                              f"batch {len(cond)}, size {cond.size}")
         if noise_level.shape != (x_t.shape[0],):
             raise ValueError(f"noise_level must be (B,) = ({x_t.shape[0]},), got {tuple(noise_level.shape)}")
-        x = torch.cat([cond.x_con, x_t], dim=1)
-        return self.unet(x, noise_level, cond.pyramid, cond.code)
+        out = self.unet(torch.cat([cond.x_con, x_t], dim=1), noise_level, cond.pyramid, cond.code)
+        if raw or self.cfg.prediction == "eps":
+            return out
+        return to_eps(self.cfg.prediction, out, x_t, noise_level[:, None, None, None])
