@@ -14,8 +14,11 @@ from tqdm import tqdm
 
 from idm.io import ImageReadError, read_image, write_image
 from idm.resize import check_scale, target_size
+from pipeline.params import SampleParams
 
 DEFAULT_MODEL = "models:/idm@champion"
+
+SAMPLE = SampleParams()  # sampling defaults, the same as params.yaml's
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -54,7 +57,8 @@ def load_method(args: argparse.Namespace):
         raise FileNotFoundError(f"{path}: no such model checkpoint (give a .pt path or a models:/ URI)")
     max_bytes = None if args.no_tiling else int(args.max_memory_gb * 2**30)
     method = DiffusionSR.from_checkpoint(path, steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
-                                         device=str(resolve_device(args.device)), max_bytes=max_bytes)
+                                         temperature=args.temperature, device=str(resolve_device(args.device)),
+                                         max_bytes=max_bytes)
     if args.int8:
         from idm.quantize import load_quantized
         from pipeline.mlflow_model import int8_beside
@@ -92,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--scale", type=parse_scale, help="magnification, a number > 1 (e.g. 3.7)")
     target.add_argument("--size", type=parse_size, help="output size WIDTHxHEIGHT (e.g. 1920x1080)")
     up.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint path or MLflow model URI (default {DEFAULT_MODEL})")
-    up.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    up.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    up.add_argument("--eta", type=float, default=0.0)
-    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--steps", type=int, default=SAMPLE.steps, help=f"denoising steps (default {SAMPLE.steps})")
+    up.add_argument("--sampler", default=SAMPLE.sampler, choices=["ddim", "ddpm"])
+    up.add_argument("--eta", type=float, default=SAMPLE.eta)
+    up.add_argument("--temperature", type=float, default=SAMPLE.temperature,
+                    help=f"scale of the initial noise, 0-1: lower favours PSNR over detail (default {SAMPLE.temperature})")
+    up.add_argument("--seed", type=int, default=SAMPLE.seed)
     up.add_argument("--int8", action="store_true", help="int8-quantized denoiser (CPU)")
     up.add_argument("--device", default="auto")
     up.add_argument("--max-memory-gb", type=float, default=4.0, help="tile outputs that would need more (default 4)")

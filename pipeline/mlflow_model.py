@@ -18,21 +18,26 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-from pipeline.params import ROOT
+from pipeline.params import ROOT, SampleParams
 
 MODEL_NAME = "idm"
+SAMPLE = SampleParams()  # the sampling defaults of params.yaml
 CHECKPOINT_ARTIFACT = "checkpoint"
 INT8_ARTIFACT = "int8"
 
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),  # the LR image, HWC RGB
     outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),  # the SR image
-    params=ParamSchema([ParamSpec("scale", "double", 4.0), ParamSpec("steps", "long", 20), ParamSpec("seed", "long", 0)]),
+    params=ParamSchema([ParamSpec("scale", "double", 4.0), ParamSpec("steps", "long", SAMPLE.steps),
+                         ParamSpec("seed", "long", SAMPLE.seed), ParamSpec("temperature", "double", SAMPLE.temperature)]),
 )
 
 
 class IDMPyfunc(mlflow.pyfunc.PythonModel):
-    """predict(lr (h, w, 3) uint8, params={"scale", "steps", "seed"}) -> (H, W, 3) uint8."""
+    """predict(lr (h, w, 3) uint8, params={"scale", "steps", "seed", "temperature"}) -> (H, W, 3) uint8.
+
+    Defaults are the pipeline's sampling defaults (pipeline.params.SampleParams).
+    """
 
     def load_context(self, context: Any) -> None:
         self.checkpoint = context.artifacts[CHECKPOINT_ARTIFACT]
@@ -42,8 +47,10 @@ class IDMPyfunc(mlflow.pyfunc.PythonModel):
         from idm.methods import DiffusionSR
         from idm.resize import target_size
 
-        params = {"scale": 4.0, "steps": 20, "seed": 0, **(params or {})}
-        method = DiffusionSR.from_checkpoint(self.checkpoint, steps=int(params["steps"]), seed=int(params["seed"]))
+        params = {"scale": 4.0, "steps": SAMPLE.steps, "seed": SAMPLE.seed, "temperature": SAMPLE.temperature,
+                  **(params or {})}
+        method = DiffusionSR.from_checkpoint(self.checkpoint, steps=int(params["steps"]), seed=int(params["seed"]),
+                                             temperature=float(params["temperature"]))
         if self.int8:
             from idm.quantize import load_quantized
 

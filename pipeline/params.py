@@ -117,13 +117,13 @@ class ReportParams:
 
 @dataclass(frozen=True)
 class SampleParams:
-    """How IDM samples at evaluation and in `idm upscale`."""
+    """How IDM samples at evaluation and in `idm upscale` (the defaults are params.yaml's)."""
 
     sampler: str = "ddim"  # one of idm.sampling.SAMPLERS
-    steps: int = 20  # network evaluations per image (spaced over the schedule)
+    steps: int = 5  # network evaluations per image (spaced over the schedule)
     eta: float = 0.0  # 0: deterministic DDIM; 1: ancestral-like
     seed: int = 0  # initial noise, per image
-    temperature: float = 1.0  # scale of the initial noise: 1 samples the model, < 1 favours PSNR over texture
+    temperature: float = 0.5  # scale of the initial noise: 1 samples the model, < 1 favours PSNR over texture
     max_memory_gb: float = 4.0  # outputs whose untiled run would need more are made tile by tile
     tile_overlap: int = 8  # LR pixels shared by neighbouring tiles
 

@@ -32,7 +32,7 @@ def build_methods(params: Params, checkpoint: Path, device: str) -> list[Method]
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint}: no trained model; run the train stage first (dvc repro train)")
         return DiffusionSR.from_checkpoint(checkpoint, steps=sample.steps, sampler=sample.sampler, eta=sample.eta,
-                                           seed=sample.seed, device=device, max_bytes=sample.max_bytes,
+                                           seed=sample.seed, temperature=sample.temperature, device=device, max_bytes=sample.max_bytes,
                                            overlap=sample.tile_overlap)
 
     def idm_int8() -> Method:
@@ -59,7 +59,7 @@ def model_uri_method(args: argparse.Namespace, params: Params, device: str) -> l
     path = checkpoint_from_uri(args.model_uri, args.sr_out.parent / f".{args.label}-model")
     s = params.sample
     method = DiffusionSR.from_checkpoint(path, steps=s.steps, sampler=s.sampler, eta=s.eta, seed=s.seed,
-                                         device=device, name=args.label, max_bytes=s.max_bytes, overlap=s.tile_overlap)
+                                         temperature=s.temperature, device=device, name=args.label, max_bytes=s.max_bytes, overlap=s.tile_overlap)
     if (path.parent / "model_int8.pt").is_file():  # an int8 version: its artifacts carry the int8 denoiser
         from idm.quantize import load_quantized
 

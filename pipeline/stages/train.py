@@ -73,7 +73,8 @@ def sample_logger(params: Params, images: list[np.ndarray], device: torch.device
 
     def log_sample(step: int, model: torch.nn.Module) -> None:
         method = DiffusionSR(model, schedule=schedule, timesteps=spaced_timesteps(d.timesteps, min(10, d.timesteps)),
-                             target=params.train.target, residual_scale=params.train.residual_scale, device=device)
+                             target=params.train.target, residual_scale=params.train.residual_scale,
+                             temperature=params.sample.temperature, device=device)
         mlflow.log_image(np.concatenate([method(lr, hr.shape[:2]), hr], axis=1), key="sample_x4", step=step)
 
     return log_sample
