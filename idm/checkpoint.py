@@ -9,11 +9,17 @@ A checkpoint (FORMAT 1) is a plain dict that rebuilds its own model:
 Everything in it is a tensor, a number, a string, None or a container of those, so
 `torch.load(..., weights_only=True)` reads it; that loader refuses arbitrary Python
 objects, so a tampered file cannot run code on load.
+
+`save_checkpoint` adds one more key, "sha256": a digest of everything else, which
+`load_checkpoint` recomputes and removes. torch.load checks no checksum of its own, so
+without it a flipped bit in a weight would load silently. Files written before the
+digest existed load unchecked.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pickle
 import random
@@ -27,11 +33,13 @@ import numpy as np
 import torch
 
 from idm.config import ModelConfig
+from idm.io import naming, remove_stale_temps
 from idm.models import IDM
 
 FORMAT = 1
 KEYS = ("format", "model_config", "diffusion_config", "train_config", "model", "ema",
         "optimizer", "step", "rng")
+DIGEST = "sha256"  # added by save_checkpoint, checked and removed by load_checkpoint
 
 
 class CheckpointError(ValueError):
@@ -58,15 +66,18 @@ def make_checkpoint(*, model_config: Any, diffusion_config: Any, train_config: A
 def save_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write `ckpt` to `path` atomically: a crash leaves the old file or the new one, never half.
 
-    The bytes go to a temporary file in the same directory, are fsync'ed, and the file
-    is renamed over `path` (os.replace is atomic within a file system).
+    The bytes (with a "sha256" digest of the contents, see `content_digest`) go to a
+    temporary file in the same directory, are fsync'ed, and the file is renamed over
+    `path` (os.replace is atomic within a file system). Temporary files that killed
+    writers left beside `path` are removed once the new file is in place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    body = {k: v for k, v in ckpt.items() if k != DIGEST}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(ckpt), f)
+        with naming(path), os.fdopen(fd, "wb") as f:  # a full disk's error names `path`
+            torch.save({**body, DIGEST: content_digest(body)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
@@ -75,6 +86,33 @@ def save_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    remove_stale_temps(path)
+
+
+def content_digest(ckpt: Mapping[str, Any]) -> str:
+    """Hex sha256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every
+    plain value, containers walked in sorted key order (so it survives a save/load round trip)."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in ckpt.items() if k != DIGEST})
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{flat.dtype}{tuple(value.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"D{len(value)}|".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # str, int, float, bool, None: what weights_only loading allows
+        digest.update(f"{type(value).__name__}:{value!r}|".encode())
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -95,8 +133,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     """Read a checkpoint written by `save_checkpoint`, never unpickling arbitrary objects.
 
     Raises FileNotFoundError if `path` does not exist, and CheckpointError (a ValueError)
-    naming the file if it is truncated, corrupt, holds Python objects other than plain
-    data (weights_only=True refuses them), or lacks the FORMAT 1 keys.
+    naming the file if it is truncated, corrupt (its contents do not match the "sha256"
+    recorded when it was written), holds Python objects other than plain data
+    (weights_only=True refuses them), or lacks the FORMAT 1 keys. The digest is removed
+    from the returned dict.
     """
     path = Path(path)
     if not path.is_file():
@@ -120,13 +160,28 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     missing = [k for k in KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks the keys {missing}")
+    recorded = ckpt.pop(DIGEST, None)
+    if recorded is not None and recorded != content_digest(ckpt):
+        raise CheckpointError(f"{path}: corrupt checkpoint: its contents do not match the sha256 recorded when it "
+                              f"was written (damaged on disk or in a copy); restore it or retrain")
     return ckpt
 
 
 def build_model(ckpt: Mapping[str, Any], *, use_ema: bool = True) -> IDM:
-    """The IDM network a checkpoint describes, with its EMA (default) or raw weights, in eval mode."""
-    model = IDM(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    """The IDM network a checkpoint describes, with its EMA (default) or raw weights, in eval mode.
+
+    Raises CheckpointError if the stored model_config is not one this version of idm can
+    build, or the weights do not fit it (missing, unexpected or differently shaped tensors).
+    """
+    try:
+        model = IDM(ModelConfig(**ckpt["model_config"]))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint's model_config cannot be built by this version of idm ({err})") from None
+    try:
+        model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())
+        raise CheckpointError(f"checkpoint's weights do not fit its model_config ({reason[:500]})") from None
     return model.eval()
 
 

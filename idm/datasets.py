@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from idm.io import IMAGE_SUFFIXES, list_images, read_image, write_image
+from idm.io import IMAGE_SUFFIXES, list_images, naming, read_image, write_image
 from idm.resize import paired_sizes, resize_uint8
 
 
@@ -57,7 +57,11 @@ def copy_folder(src: Path, dest: Path) -> list[Path]:
     if not images:
         raise ValueError(f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     dest.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copy2(p, dest / p.name)) for p in images]
+    copies = []
+    for path in images:
+        with naming(dest / path.name):  # os.sendfile's "No space left on device" names no file
+            copies.append(Path(shutil.copy2(path, dest / path.name)))
+    return copies
 
 
 def split(names: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:

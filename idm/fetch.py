@@ -3,8 +3,10 @@
 `download` streams one URL to a file; `extract` unpacks a zip or tar archive; `fetch`
 does both and leaves the images (or a folder inside the archive) at a target path.
 Every failure raises one `FetchError` whose one-line message names the URL or file and
-says what to do. Nothing half-written is ever left at a destination: downloads and
-extractions go to hidden temporary siblings first and are renamed into place.
+says what to do (without the URL's query values, where presigned URLs keep their
+signature; URLs with user:password@ are refused). Nothing half-written is ever left at a
+destination: downloads and extractions go to hidden temporary siblings first and are
+renamed into place.
 
 Archives are untrusted input. A member with an absolute path or a `..` component, a
 link pointing outside the extraction folder, a member written through a link, or a
@@ -51,6 +53,14 @@ _ARCHIVE_ERRORS = (
 
 class FetchError(RuntimeError):
     """A download or extraction failed; the message names the URL or file and what to do."""
+
+
+class _Damaged(FetchError):
+    """A file is not a readable archive or image (truncated or corrupt): not worth keeping."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}; delete it and download it again")
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -113,21 +123,45 @@ def check_url(url: str) -> None:
     """Accept https:// URLs, and http:// only for loopback hosts; raise FetchError otherwise.
 
     Plain http to a remote host can be tampered with in transit; file:// is refused
-    because local folders are a separate dataset source.
+    because local folders are a separate dataset source. A URL carrying a user name or
+    password is refused too: params are logged, so credentials do not belong in them.
     """
-    parts = urllib.parse.urlsplit(url)
     try:
+        parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a malformed port
     except ValueError:
-        raise FetchError(f"refusing to download {url!r}: malformed port") from None
+        raise FetchError(f"refusing to download {redact_url(url)!r}: malformed URL or port") from None
+    if parts.username is not None or parts.password is not None:
+        raise FetchError(
+            f"refusing to download {redact_url(url)!r}: it carries credentials (user:password@), which would end up "
+            "in params, logs and MLflow; use a URL without them, or fetch the file by hand into a folder source"
+        )
     if parts.scheme == "https" and parts.hostname:
         return
     if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
         return
     raise FetchError(
-        f"refusing to download {url!r}: only https:// URLs are allowed (http:// only for 127.0.0.1, localhost, ::1); "
-        "use https, or a local folder source for files on disk"
+        f"refusing to download {redact_url(url)!r}: only https:// URLs are allowed (http:// only for 127.0.0.1, "
+        "localhost, ::1); use https, or a local folder source for files on disk"
     )
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for messages and logs: a password (or a token alone) before @ and every
+    query value replaced by *** (presigned URLs carry their signature there)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url.split("?")[0]
+    shown = url  # edited in place: rebuilding it would drop the empty host of sqlite:////abs/path
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        shown = shown.replace(f"{userinfo}@", f"{user}:***@" if colon else "***@", 1)
+    if parts.query:
+        query = "&".join(f"{k}=***" if sep else k for k, sep, _ in (q.partition("=") for q in parts.query.split("&")))
+        shown = shown.replace(f"?{parts.query}", f"?{query}", 1)
+    return shown
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
@@ -138,7 +172,8 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
             check_url(newurl)
         except FetchError:
             fp.close()
-            raise FetchError(f"{req.full_url} redirects to {newurl!r}, which is not https; use an https URL") from None
+            raise FetchError(f"{redact_url(req.full_url)} redirects to {redact_url(newurl)!r}, which is not https; "
+                             "use an https URL") from None
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -212,7 +247,7 @@ def _attempt(url: str, out: BinaryIO, label: str, *, timeout: float, progress: b
         err.close()
         if err.code >= 500 or err.code in _RETRYABLE_4XX:
             raise _Transient(f"HTTP {err.code} {err.reason}") from err
-        raise FetchError(f"cannot download {url} (HTTP {err.code} {err.reason}); check the URL, or {by_hand}") from err
+        raise FetchError(f"cannot download {redact_url(url)} (HTTP {err.code} {err.reason}); check the URL, or {by_hand}") from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         raise _Transient(_one_line(err)) from err
     # http.client returns a short body without complaint when the server hangs up early.
@@ -247,7 +282,7 @@ def download(
         raise FetchError(f"need retries >= 0, backoff >= 0, timeout > 0; got {retries}, {backoff}, {timeout}")
     dest = Path(dest)
     if dest.is_dir():
-        raise FetchError(f"cannot download {url} to {dest}: it is a folder; give a file path")
+        raise FetchError(f"cannot download {redact_url(url)} to {dest}: it is a folder; give a file path")
     dest.parent.mkdir(parents=True, exist_ok=True)
     by_hand = by_hand or f"download it by hand and put it at {dest}"
     tmp = _sibling(dest, "part")
@@ -259,7 +294,7 @@ def download(
             )
         if expected is not None and actual != expected:
             raise FetchError(
-                f"checksum mismatch for {url}: expected sha256 {expected}, got {actual}; "
+                f"checksum mismatch for {redact_url(url)}: expected sha256 {expected}, got {actual}; "
                 "the file is corrupt or changed upstream, fix the URL or the sha256"
             )
         os.replace(tmp, dest)
@@ -281,7 +316,7 @@ def _download_to(
             return _attempt(url, out, label, timeout=timeout, progress=progress, by_hand=by_hand)
         except _Transient as err:
             reason = str(err)
-    raise FetchError(f"cannot download {url} ({reason}; {retries + 1} attempts); {by_hand}")
+    raise FetchError(f"cannot download {redact_url(url)} ({reason}; {retries + 1} attempts); {by_hand}")
 
 
 # ------------------------------------------------------------------------- extract
@@ -353,7 +388,7 @@ def _extract_into(archive: Path, folder: Path) -> None:
         if any(m.issym() for m in members):
             _check_symlinks_inside(folder, archive)
     else:
-        raise FetchError(f"{archive} is not a zip or tar archive (or is truncated); delete it and download it again")
+        raise _Damaged(f"{archive} is not a zip or tar archive (or is truncated)")
 
 
 def _remove(path: Path) -> None:
@@ -401,10 +436,7 @@ def extract(archive: Path, target: Path) -> Path:
         try:
             _extract_into(archive, staging)
         except _ARCHIVE_ERRORS as err:
-            raise FetchError(
-                f"cannot extract {archive} ({_one_line(err)}); it may be truncated or corrupt, "
-                "delete it and download it again"
-            ) from err
+            raise _Damaged(f"cannot extract {archive} ({_one_line(err)}); it may be truncated or corrupt") from err
         _replace(staging, target)
     finally:
         _remove(staging)
@@ -417,7 +449,7 @@ def extract(archive: Path, target: Path) -> Path:
 def _url_filename(url: str) -> str:
     name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
     if name in ("", ".", ".."):
-        raise FetchError(f"cannot tell a file name from {url}; use a URL that ends in the file name")
+        raise FetchError(f"cannot tell a file name from {redact_url(url)}; use a URL that ends in the file name")
     return name
 
 
@@ -450,7 +482,7 @@ def _place_image(image: Path, target: Path, work: Path) -> None:
         with Image.open(image) as img:
             img.verify()
     except Exception as err:  # Pillow raises many types for bad data
-        raise FetchError(f"{image} is not a readable image ({_one_line(err)}); check the URL") from err
+        raise _Damaged(f"{image} is not a readable image ({_one_line(err)})") from err
     if target.exists() and not target.is_dir():
         raise FetchError(f"{target} exists and is not a folder; remove it or choose another target")
     staged = work / "single"
@@ -460,6 +492,24 @@ def _place_image(image: Path, target: Path, work: Path) -> None:
         os.replace(staged / image.name, target / image.name)
     else:
         os.rename(staged, target)
+
+
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".tbz2", ".txz", ".tar.gz", ".tar.bz2", ".tar.xz")
+
+
+def _place(file: Path, url: str, target: Path, subdir: str | None, work: Path) -> None:
+    """Put the images of the downloaded `file` at `target` (see `fetch`)."""
+    if _is_archive(file):
+        _place_archive(file, target, subdir, work)
+    elif file.name.lower().endswith(_ARCHIVE_SUFFIXES):
+        raise _Damaged(f"{file} (from {redact_url(url)}) is not a readable zip or tar archive (truncated or corrupt?)")
+    elif subdir:
+        raise FetchError(f"{redact_url(url)} is not an archive, so subdir {subdir!r} cannot apply; remove subdir")
+    elif file.suffix.lower() in IMAGE_SUFFIXES:
+        _place_image(file, target, work)
+    else:
+        kinds = ", ".join(IMAGE_SUFFIXES)
+        raise FetchError(f"{redact_url(url)} is neither a zip/tar archive nor an image ({kinds}); check the URL")
 
 
 def fetch(
@@ -479,8 +529,11 @@ def fetch(
     An archive is extracted and its folder `subdir` (or the whole tree) becomes `target`,
     replacing what was there. A single image becomes target/<file name>. With
     `cache_dir`, the download is kept at cache_dir/<file name> and reused next time when
-    its sha256 matches (or, with no `sha256` given, whenever it is present: downloads are
-    atomic, so a cached file is complete). On failure `target` is left unchanged.
+    its sha256 matches or, with no `sha256` given, when it came from the same URL or was
+    put there by hand (downloads are atomic, so a cached file is complete; a file of the
+    same name from another URL is downloaded again). On failure `target` is left
+    unchanged, and a cached download that turns out truncated or corrupt is deleted so
+    the next call downloads it again.
     """
     check_url(url)
     target = Path(target)
@@ -491,20 +544,24 @@ def fetch(
     work.mkdir()
     try:
         file = Path(cache_dir or work) / name
-        if not (file.is_file() and (expected is None or file_sha256(file) == expected)):
+        source = file.parent / f".{name}.source"  # which URL a cached file came from (absent: put there by hand)
+        url_id = hashlib.sha256(url.encode()).hexdigest()  # not the URL itself, which may hold a signature
+        cached = file.is_file() and (file_sha256(file) == expected if expected is not None
+                                     else not source.exists() or source.read_text().strip() == url_id)
+        if not cached:
             # Without a cache the download lands in a temporary folder: no use telling the user to put it there.
             by_hand = None if cache_dir else f"download it by hand and pass a cache_dir holding {name}"
             download(url, file, sha256=expected, retries=retries, backoff=backoff, timeout=timeout,
                      progress=progress, by_hand=by_hand)
-        if _is_archive(file):
-            _place_archive(file, target, subdir, work)
-        elif subdir:
-            raise FetchError(f"{url} is not an archive, so subdir {subdir!r} cannot apply; remove subdir")
-        elif file.suffix.lower() in IMAGE_SUFFIXES:
-            _place_image(file, target, work)
-        else:
-            kinds = ", ".join(IMAGE_SUFFIXES)
-            raise FetchError(f"{url} is neither a zip/tar archive nor an image ({kinds}); check the URL")
+            source.write_text(url_id + "\n")
+        try:
+            _place(file, url, target, subdir, work)
+        except _Damaged as err:
+            if cache_dir is None:  # the file was in `work`, removed below
+                raise FetchError(f"{err.problem}; rerun to download it again") from None
+            file.unlink(missing_ok=True)  # a damaged download is never reused
+            source.unlink(missing_ok=True)
+            raise FetchError(f"{err.problem}; removed it from the cache, so the next run downloads it again") from None
     finally:
         _remove(work)
     return target

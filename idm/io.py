@@ -7,6 +7,7 @@ and turns every decoding failure into one error that names the file.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 import warnings
@@ -80,18 +81,48 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only on success."""
+    """Yield a temporary path beside `path`; rename it onto `path` only on success.
+
+    On failure `path` keeps its old content (or stays absent) and the temporary file is
+    removed; an OSError that names no file is re-raised naming `path` (`naming`). Temporary
+    files of killed writers are removed once the new file is in place (`remove_stale_temps`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)  # mkstemp makes it private; outputs are meant to be shared
-        os.replace(tmp_path, path)
+        with naming(path):
+            yield tmp_path
+            os.chmod(tmp_path, 0o644)  # mkstemp makes it private; outputs are meant to be shared
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+    remove_stale_temps(path)
+
+
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError that names no file (e.g. "No space left on device" from an encoder
+    or os.sendfile) as the same error naming `path`, so the message says what failed."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None or err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Delete the `.<name>.*.tmp` files beside `path` that atomic writers killed mid-write left.
+
+    Call it after writing `path`: writers of one file never run concurrently, so any such
+    file is a leftover (a killed training run can leave a half-written checkpoint there).
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def write_image(path: str | os.PathLike, img: np.ndarray) -> None:

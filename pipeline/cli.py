@@ -7,12 +7,13 @@ Outputs are PNG files named <stem>_x<scale>.png (or <stem>_<W>x<H>.png), written
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from idm.io import ImageReadError, read_image, write_image
+from idm.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, write_image
 from idm.resize import check_scale, target_size
 from pipeline.params import SampleParams
 
@@ -36,7 +37,8 @@ def parse_scale(text: str) -> float:
     try:
         return check_scale(float(text))
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        message = str(err) if "scale" in str(err) else f"scale must be a number > 1, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def load_method(args: argparse.Namespace):
@@ -71,14 +73,30 @@ def load_method(args: argparse.Namespace):
     return method
 
 
+def output_size(path: Path, lr_shape: tuple[int, ...], args: argparse.Namespace) -> tuple[int, int]:
+    """(height, width) of the output for an input of `lr_shape`; ValueError naming `path` if it
+    is absurd (not finite, or more pixels than inputs may have: idm.io.DEFAULT_MAX_PIXELS)."""
+    if args.size:
+        height, width = args.size
+    else:
+        height, width = (side * args.scale for side in lr_shape[:2])
+    if not (math.isfinite(height) and math.isfinite(width)):
+        raise ValueError(f"{path}: --scale {args.scale:g} makes the output size infinite; use a smaller --scale")
+    if height * width > DEFAULT_MAX_PIXELS:
+        raise ValueError(f"{path}: a {round(width)}x{round(height)} output is above the limit of {DEFAULT_MAX_PIXELS} "
+                         f"pixels; use a smaller --scale or --size")
+    return args.size or target_size(lr_shape[:2], args.scale)
+
+
 def upscale(args: argparse.Namespace) -> None:
-    """Read every input first (fail fast, write nothing on bad input), then upscale each."""
+    """Read every input and check every output size first (fail fast, write nothing on bad input), then upscale each."""
     images = {path: read_image(path) for path in args.images}
+    sizes = {path: output_size(path, lr.shape, args) for path, lr in images.items()}
     method = load_method(args)
     from idm.tiling import check_memory
 
     for path, lr in tqdm(images.items(), desc="upscale", unit="image", disable=len(images) < 2):
-        size = args.size or target_size(lr.shape[:2], args.scale)
+        size = sizes[path]
         if args.no_tiling:
             check_memory(method.model.cfg, size, max_bytes=int(args.max_memory_gb * 2**30))
         suffix = f"x{args.scale:g}" if args.scale else f"{size[1]}x{size[0]}"
@@ -120,10 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.steps < 1:
         build_parser().error(f"--steps must be >= 1, got {args.steps}")
+    from pipeline.tracking import TrackingUnavailable
+
     try:
         upscale(args)
-    except (ImageReadError, ValueError, FileNotFoundError) as err:
-        print(f"idm: error: {err}", file=sys.stderr)
+    except (ImageReadError, ValueError, OSError, TrackingUnavailable) as err:  # OSError: a full disk, permissions
+        print(f"idm: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
 
 

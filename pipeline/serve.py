@@ -138,9 +138,11 @@ def start_mlflow_ui(port: int, log_dir: Path) -> Service:
                            "use --mlflow-port 0 for a free port, or --no-mlflow-ui")
     artifacts = artifact_location()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port), "--workers", "1",
-           "--backend-store-uri", tracking_uri(), *(["--default-artifact-root", artifacts] if artifacts else [])]
+           *(["--default-artifact-root", artifacts] if artifacts else [])]
+    # The store URI goes in the environment, not on the command line, where `ps` would show a database password.
     # MLflow's GenAI job workers (seven processes) are not needed to browse runs and models.
-    service = Service.start("mlflow-ui", cmd, log_dir, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    env = {"MLFLOW_BACKEND_STORE_URI": tracking_uri(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    service = Service.start("mlflow-ui", cmd, log_dir, env=env)
     service.wait_until_up(f"http://{HOST}:{port}/health")
     return service
 
@@ -215,8 +217,10 @@ def main(argv: list[str] | None = None, *, extra_deployments: Callable[[], list[
             from prefect import serve
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
+            from pipeline.tracking import display_uri
+
             for name, url in urls.items():
-                print(f"{name}: {url.removesuffix('/api')}", flush=True)
+                print(f"{name}: {display_uri(url.removesuffix('/api'))}", flush=True)  # no password in the log
             with temporary_settings(updates={PREFECT_API_URL: urls["prefect"]}):
                 serve(*deployments(params), *(extra_deployments() if extra_deployments else []))
     except KeyboardInterrupt:

@@ -2,20 +2,45 @@
 
 The store is `sqlite:///<project>/mlflow.db` with artifacts in `<project>/mlartifacts/`
 unless MLFLOW_TRACKING_URI says otherwise (a server, another database).
+
+When the store is unavailable or locked, a stage fails before doing any work: `setup()`,
+which every stage calls before its work (the train stage through `stage_run`, before
+training starts), raises TrackingUnavailable naming the store, and the stage prints it as
+one `error:` line and exits 2 (pipeline.stages.run). A store on an http(s) server is probed
+for up to STORE_WAIT_SECONDS instead of MLflow's own retries (minutes). If the store fails
+after the work started, the stage fails the same way; its outputs are written atomically
+and a training run keeps its checkpoint, so the next run resumes instead of starting over.
+
+Params and tags pass through `redact` before they are logged: a password or token inside
+a URL (user:password@, ?token=..., ?X-Amz-Signature=...) never reaches the store, and
+messages show store URIs without their password.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from idm.fetch import redact_url
 from pipeline.params import ROOT
 
 EXPERIMENT = "idm"
+STORE_WAIT_SECONDS = 15.0  # how long an http(s) store may take to answer before a stage gives up
+
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow store cannot be reached, opened or written (down, locked, misconfigured)."""
 
 
 def tracking_uri() -> str:
@@ -28,6 +53,18 @@ def artifact_location() -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def redact(value: Any) -> Any:
+    """A param or tag value with the credentials of every URL in it hidden (idm.fetch.redact_url)."""
+    if not isinstance(value, str):
+        return redact(str(value)) if _URL.search(str(value)) else value
+    return _URL.sub(lambda m: redact_url(m.group(0)), value)
+
+
+def display_uri(uri: str) -> str:
+    """A store URI fit for messages and logs (no password)."""
+    return redact_url(uri)
 
 
 def git_commit() -> str:
@@ -45,25 +82,65 @@ def pipeline_run_id() -> str:
     return os.environ.get("IDM_PIPELINE_RUN") or uuid.uuid4().hex[:12]
 
 
+def _probe_server(uri: str, wait: float) -> None:
+    """Raise TrackingUnavailable unless the http(s) server at `uri` answers within `wait` seconds.
+
+    Any answer below 500 counts (a 401 means it is up and wants credentials, which MLflow
+    then sends); refused connections, timeouts and 5xx (a proxy whose backend is down) do not.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=min(5.0, max(wait, 0.5))):
+                return
+        except urllib.error.HTTPError as err:
+            if err.code < 500:
+                return
+            reason = f"HTTP {err.code}"
+        except (urllib.error.URLError, OSError) as err:
+            reason = " ".join(str(getattr(err, "reason", err)).split())
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TrackingUnavailable(
+                f"MLflow store {display_uri(uri)} is unavailable ({reason}, for {wait:g} s); nothing was done: "
+                "start the tracking server or point MLFLOW_TRACKING_URI at a reachable store, then rerun")
+        time.sleep(min(1.0, remaining))
+
+
 def setup() -> str:
-    """Point MLflow at the project store and make sure experiment `idm` exists; returns its id."""
+    """Point MLflow at the project store and make sure experiment `idm` exists; returns its id.
+
+    Raises TrackingUnavailable (one line, naming the store without its password) if the
+    store is down, locked by another process, or cannot be opened.
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location())
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri, STORE_WAIT_SECONDS)
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is not None:
+            return experiment.experiment_id
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location())
+    except Exception as err:  # MlflowException, sqlalchemy's OperationalError, OSError, ...
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        hint = ("another process holds the database lock; rerun when it is done" if "locked" in reason
+                else "check MLFLOW_TRACKING_URI and that the store is reachable, then rerun")
+        raise TrackingUnavailable(f"MLflow store {display_uri(uri)} is unavailable ({redact(reason)}); "
+                                  f"nothing was done: {hint}") from None
 
 
 @contextmanager
 def stage_run(stage: str, *, tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> Iterator[Any]:
-    """Start an MLflow run for one execution of DVC stage `stage`, tagged and with params."""
+    """Start an MLflow run for one execution of DVC stage `stage`, tagged and with params (both redacted)."""
     import mlflow
 
     experiment_id = setup()
     all_tags = {"dvc_stage": stage, "git_commit": git_commit(), "pipeline_run": pipeline_run_id(), **(tags or {})}
+    all_tags = {k: redact(v) for k, v in all_tags.items()}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{stage}-{all_tags.get('method', '')}".rstrip("-"), tags=all_tags) as run:
         if params:
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            mlflow.log_params({k: str(redact(v))[:6000] for k, v in params.items()})
         yield run

@@ -3,6 +3,8 @@
 Outputs: data/sr/<method>/<dataset>/x<scale>/<image>.png (the SR images),
 reports/metrics.json (DVC metrics), reports/scales.csv (DVC plots: one row per
 method x dataset x scale), reports/per_image.csv, and one MLflow run per method.
+All of them are replaced together at the end, so a failure (bad input, a full disk)
+leaves the previous run's outputs as they were; the MLflow store is checked first.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +23,7 @@ from idm.device import resolve_device
 from idm.evaluate import ALL_METRICS, fid_by_group, metric_name, run_method, summarize
 from idm.io import atomic_path
 from idm.methods import Bicubic, DiffusionSR, Method
+from pipeline import tracking
 from pipeline.params import ROOT, EvaluateParams, Params, flatten, load
 from pipeline.stages import run, staged_dir
 
@@ -135,14 +139,15 @@ def mlflow_run(params: Params, tags: dict[str, str]):
     return stage_run("evaluate", tags=tags, params=flatten(params))
 
 
-def write_outputs(table: pd.DataFrame, per_image: pd.DataFrame, numbers: dict, unavailable: dict, args: argparse.Namespace) -> None:
+def write_outputs(table: pd.DataFrame, per_image: pd.DataFrame, numbers: dict, unavailable: dict,
+                  args: argparse.Namespace, stack: ExitStack) -> None:
+    """Write the three report files to temporary files that `stack` renames into place when it closes."""
     for path, text in (
         (args.metrics, json.dumps({**numbers, "unavailable": unavailable}, indent=2, sort_keys=True) + "\n"),
         (args.scales, table.to_csv(index=False, float_format="%.6g")),
         (args.per_image, per_image.to_csv(index=False, float_format="%.6g")),
     ):
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
+        stack.enter_context(atomic_path(path)).write_text(text)
 
 
 def main() -> None:
@@ -159,13 +164,15 @@ def main() -> None:
     parser.add_argument("--label", default="idm", help="method name for --model-uri results")
     args = parser.parse_args()
     params = load(args.params)
+    tracking.setup()  # an unavailable MLflow store fails here, before any work
     manifest = pd.read_csv(args.prepared / "manifest.csv")
     pairs = manifest[manifest.split == "test"]
     if pairs.empty:
         raise ValueError(f"{args.prepared / 'manifest.csv'}: no test pairs (every dataset has test_fraction 0?)")
     device = str(resolve_device(params.evaluate.device))
     lpips, fid_ok, unavailable = load_scorers(params.evaluate, device)
-    with staged_dir(args.sr_out) as sr_dir:
+    # Exits in reverse order: the report files are renamed into place, then data/sr is swapped.
+    with staged_dir(args.sr_out) as sr_dir, ExitStack() as reports:
         methods = model_uri_method(args, params, device) if args.model_uri else build_methods(params, args.checkpoint, device)
         per_image = pd.concat([run_method(m, pairs, args.prepared, out_dir=sr_dir, lpips=lpips)
                                for m in methods], ignore_index=True)
@@ -174,8 +181,8 @@ def main() -> None:
             fid, fid_missing = fid_by_group(per_image, args.prepared, sr_dir, lambda: metrics.FID(device=device))
             table["fid"] = [fid.get((r.method, r.dataset, r.scale), float("nan")) for r in table.itertuples()]
             unavailable.update(fid_missing)
-    numbers = metrics_dict(table)
-    write_outputs(table, per_image, numbers, unavailable, args)
+        numbers = metrics_dict(table)
+        write_outputs(table, per_image, numbers, unavailable, args, reports)
     extra_tags = {"model_uri": args.model_uri} if args.model_uri else trained_model_tags(args.checkpoint, params)
     log_to_mlflow(params, table, numbers, unavailable, args.scales, extra_tags)
     for key, reason in unavailable.items():

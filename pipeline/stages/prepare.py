@@ -26,6 +26,7 @@ def prepare_dataset(ds: DatasetParams, prep: PrepareParams, raw: Path, out: Path
     if not paths:
         raise ValueError(f"{raw}: dataset {ds.name!r} has no images")
     images = read_all(paths)
+    files = {p.stem: p for p in paths}
     train, test = split(list(images), ds.test_fraction, prep.seed)
     rows: list[dict] = []
     for name in train:
@@ -36,7 +37,11 @@ def prepare_dataset(ds: DatasetParams, prep: PrepareParams, raw: Path, out: Path
     for name in test:
         hr_full = center_crop(images[name], ds.test_crop)
         for scale in prep.all_scales:
-            hr, lr = make_pair(hr_full, scale)
+            try:
+                hr, lr = make_pair(hr_full, scale)
+            except ValueError as err:  # e.g. a 1x1 image: no LR image can be made from it
+                raise ValueError(f"{files[name]}: test image of {hr_full.shape[1]}x{hr_full.shape[0]} px "
+                                 f"cannot be used at scale x{scale:g}: {err}") from None
             pair_dir = out / "test" / scale_tag(scale)
             write_image(pair_dir / "HR" / f"{name}.png", hr)
             write_image(pair_dir / "LR" / f"{name}.png", lr)

@@ -20,8 +20,9 @@ from idm.datasets import center_crop, make_pair
 from idm.io import atomic_path, read_image
 from idm.methods import DiffusionSR, to_model_range
 from idm.quantize import file_size, quantize_denoiser, save_quantized
+from pipeline import tracking
 from pipeline.params import ROOT, Params, flatten, load
-from pipeline.stages import run
+from pipeline.stages import run, staged_dir
 
 CALIBRATION_SCALES = (2.0, 3.0, 4.0)
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "idm-int8")
     args = parser.parse_args()
     params = load(args.params)
+    tracking.setup()  # an unavailable MLflow store fails here, before any work
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"{args.checkpoint}: no trained model; run the train stage first (dvc repro train)")
     s = params.sample
@@ -69,16 +71,14 @@ def main() -> None:
                                       temperature=s.temperature)
     int8 = quantize_denoiser(fp32.model, calibration_set(args.prepared), schedule=fp32.schedule,
                              timesteps=fp32.timesteps, generator=torch.Generator().manual_seed(s.seed))
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out / "model_int8.pt") as tmp:
-        save_quantized(int8, tmp)
-    t_fp32, t_int8 = seconds_per_step(fp32.model), seconds_per_step(int8)
-    report = {"fp32_bytes": file_size(args.checkpoint), "int8_bytes": file_size(args.out / "model_int8.pt"),
-              "fp32_s_per_step_128px": t_fp32, "int8_s_per_step_128px": t_int8}
-    report["size_ratio"] = report["fp32_bytes"] / report["int8_bytes"]
-    report["speedup"] = t_fp32 / t_int8
-    with atomic_path(args.out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    with staged_dir(args.out) as staged:  # the model and its report replace the old ones together
+        save_quantized(int8, staged / "model_int8.pt")
+        t_fp32, t_int8 = seconds_per_step(fp32.model), seconds_per_step(int8)
+        report = {"fp32_bytes": file_size(args.checkpoint), "int8_bytes": file_size(staged / "model_int8.pt"),
+                  "fp32_s_per_step_128px": t_fp32, "int8_s_per_step_128px": t_int8}
+        report["size_ratio"] = report["fp32_bytes"] / report["int8_bytes"]
+        report["speedup"] = t_fp32 / t_int8
+        (staged / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"int8: {report['size_ratio']:.2f}x smaller, {report['speedup']:.2f}x per step (128x128, this CPU)")
     register(params, args, report)
 
@@ -88,11 +88,10 @@ def register(params: Params, args: argparse.Namespace, report: dict) -> None:
     import mlflow
 
     from pipeline.mlflow_model import log_and_register
-    from pipeline.tracking import stage_run
 
     source = json.loads((args.checkpoint.parent / "registered.json").read_text()) \
         if (args.checkpoint.parent / "registered.json").is_file() else {}
-    with stage_run("quantize", tags={"model": "idm-int8"}, params=flatten(params)) as active:
+    with tracking.stage_run("quantize", tags={"model": "idm-int8"}, params=flatten(params)) as active:
         mlflow.log_metrics(report)
         tags = {"quantization": "int8", "size_bytes": str(report["int8_bytes"]),
                 "speedup_per_step": f"{report['speedup']:.2f}", "fp32_version": str(source.get("version", ""))}

@@ -1,18 +1,23 @@
-"""report stage: reports/report.md with tables, a PSNR-vs-scale plot and visual grids."""
+"""report stage: reports/report.md with tables, a PSNR-vs-scale plot and visual grids.
+
+The three outputs replace the previous ones together, only once all are written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
 
 from idm.datasets import scale_tag
 from idm.io import atomic_path
+from pipeline import tracking
 from pipeline.params import ROOT, load
 from pipeline.reporting import plot_psnr_vs_scale, render_markdown, visual_grid
-from pipeline.stages import run
+from pipeline.stages import run, staged_dir
 
 
 def main() -> None:
@@ -23,28 +28,27 @@ def main() -> None:
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     args = parser.parse_args()
     params = load(args.params)
+    tracking.setup()  # an unavailable MLflow store fails here, before any work
     table = pd.read_csv(args.reports / "scales.csv")
     per_image = pd.read_csv(args.reports / "per_image.csv")
     unavailable = json.loads((args.reports / "metrics.json").read_text()).get("unavailable", {})
 
-    plot = args.reports / "psnr_vs_scale.png"
-    plot_psnr_vs_scale(table, plot)
+    plot, report = args.reports / "psnr_vs_scale.png", args.reports / "report.md"
     grids = []
-    for dataset in sorted(table.dataset.unique()):
-        for scale in params.report.grid_scales:
-            grid = args.reports / "grids" / f"{dataset}_{scale_tag(scale)}.png"
-            if visual_grid(per_image, args.prepared, args.sr, dataset, scale, params.report.crop, grid):
-                grids.append(grid)
-    report = args.reports / "report.md"
-    with atomic_path(report) as tmp:
-        tmp.write_text(render_markdown(table, unavailable, grids, plot, report))
+    # Written to temporary files and folder; all three replace the old ones only once everything is written.
+    with staged_dir(args.reports / "grids") as grid_dir, ExitStack() as outputs:
+        plot_psnr_vs_scale(table, outputs.enter_context(atomic_path(plot)))
+        for dataset in sorted(table.dataset.unique()):
+            for scale in params.report.grid_scales:
+                name = f"{dataset}_{scale_tag(scale)}.png"
+                if visual_grid(per_image, args.prepared, args.sr, dataset, scale, params.report.crop, grid_dir / name):
+                    grids.append(args.reports / "grids" / name)
+        outputs.enter_context(atomic_path(report)).write_text(render_markdown(table, unavailable, grids, plot, report))
     print(f"wrote {report} with {len(grids)} visual grids")
 
     import mlflow
 
-    from pipeline.tracking import stage_run
-
-    with stage_run("report", tags={"datasets": ",".join(sorted(table.dataset.unique()))}):
+    with tracking.stage_run("report", tags={"datasets": ",".join(sorted(table.dataset.unique()))}):
         for path in [report, plot, *grids]:
             mlflow.log_artifact(str(path), artifact_path="report" if path.parent == args.reports else "report/grids")
 

@@ -5,11 +5,19 @@ Outputs (default models/idm/): checkpoint.pt (full state, for resuming), model.p
 run id and model version). An interrupted run resumes from checkpoint.pt; a finished
 or incompatible one is set aside and training starts afresh. Runs unchanged under
 `torchrun --nproc-per-node N -m pipeline.stages.train` (DDP; rank 0 logs and saves).
+
+MLflow: an unavailable or locked store stops the stage before training starts
+(pipeline.tracking.setup, one `error:` line). A finished run is never lost to the store:
+between the end of training and registration, pending.json records the run (its step
+and a digest of the training images); if registration fails or the stage is killed
+there, the next run on the same images and configuration registers that checkpoint
+without training it again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -33,6 +41,31 @@ def training_images(prepared: Path) -> list[np.ndarray]:
     if rows.empty:
         raise ValueError(f"{prepared / 'manifest.csv'}: no training images (every dataset has test_fraction 1?)")
     return [read_image(prepared / hr) for hr in rows.hr]
+
+
+PENDING = "pending.json"  # a finished training run that is not registered yet
+
+
+def inputs_digest(images: list[np.ndarray]) -> str:
+    """sha256 of the training images (shapes and pixels): tells a rerun on the same data from one on new data."""
+    digest = hashlib.sha256()
+    for img in images:
+        digest.update(f"{img.shape}|".encode())
+        digest.update(np.ascontiguousarray(img).tobytes())
+    return digest.hexdigest()
+
+
+def awaits_registration(out: Path, params: Params, inputs: str) -> bool:
+    """Whether out/checkpoint.pt is a finished run of exactly this config on these images that never got registered."""
+    try:
+        record = json.loads((out / PENDING).read_text())
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+        check_same_configs(ckpt, {"model_config": asdict(params.model), "diffusion_config": asdict(params.diffusion),
+                                  "train_config": asdict(params.train)})
+    except (OSError, ValueError):  # no record, a damaged one, no checkpoint, another config (CheckpointError too)
+        return False
+    return (isinstance(record, dict) and record.get("inputs") == inputs
+            and record.get("step") == ckpt["step"] == params.train.steps)
 
 
 def reusable(path: Path, params: Params) -> str | None:
@@ -90,29 +123,38 @@ def main() -> None:
     if params.train_stage.threads:
         torch.set_num_threads(params.train_stage.threads)
     images = training_images(args.prepared)
+    inputs = inputs_digest(images)
     info = setup_distributed(resolve_device(params.train_stage.device))
     try:
         ckpt_path = args.out / "checkpoint.pt"
         if info.rank == 0:
             args.out.mkdir(parents=True, exist_ok=True)
-            reason = reusable(ckpt_path, params)
-            if reason is None:
-                print(f"resuming from {ckpt_path}")
-            elif ckpt_path.exists():
-                print(f"starting afresh: {reason}")
-                os.replace(ckpt_path, ckpt_path.with_suffix(".pt.old"))
+            if awaits_registration(args.out, params, inputs):  # fit() resumes it at its last step: nothing to train
+                print(f"{ckpt_path} is a finished run on these images that was not registered: registering it "
+                      "without training again")
+            else:
+                (args.out / PENDING).unlink(missing_ok=True)
+                reason = reusable(ckpt_path, params)
+                if reason is None:
+                    print(f"resuming from {ckpt_path}")
+                elif ckpt_path.exists():
+                    print(f"starting afresh: {reason}")
+                    os.replace(ckpt_path, ckpt_path.with_suffix(".pt.old"))
         if info.world_size > 1:
             torch.distributed.barrier()
         if info.rank == 0:
-            train_and_register(params, images, info.device, args.out)
+            train_and_register(params, images, info.device, args.out, inputs)
         else:
             fit(params.model, params.diffusion, params.train, images, device=info.device, ckpt_path=ckpt_path)
     finally:
         cleanup_distributed()
 
 
-def train_and_register(params: Params, images: list[np.ndarray], device: torch.device, out: Path) -> None:
-    """Rank 0: train inside an MLflow run, then register the EMA model as a new `idm` version."""
+def train_and_register(params: Params, images: list[np.ndarray], device: torch.device, out: Path, inputs: str) -> None:
+    """Rank 0: train inside an MLflow run, then register the EMA model as a new `idm` version.
+
+    Between the two, out/pending.json marks the finished run (see the module docstring).
+    """
     import mlflow
 
     from pipeline.mlflow_model import MODEL_NAME, log_and_register
@@ -125,6 +167,8 @@ def train_and_register(params: Params, images: list[np.ndarray], device: torch.d
             on_log=lambda step, values: mlflow.log_metrics(values, step=step),
             on_sample=sample_logger(params, images, device),
         )
+        with atomic_path(out / PENDING) as tmp:
+            tmp.write_text(json.dumps({"step": int(summary["steps"]), "inputs": inputs}) + "\n")
         mlflow.log_metrics({f"train_{k}": float(v) for k, v in summary.items()})
         n_params = export_inference(ckpt_path, out / "model.pt")
         version = log_and_register(out / "model.pt", tags={"n_params": str(n_params), "target": params.train.target})
@@ -132,6 +176,7 @@ def train_and_register(params: Params, images: list[np.ndarray], device: torch.d
         record = {"run_id": active.info.run_id, "model_name": MODEL_NAME, "version": version}
     with atomic_path(out / "registered.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
+    (out / PENDING).unlink(missing_ok=True)
     print(f"registered {MODEL_NAME} version {version} (alias candidate); {summary['samples_per_s']:.1f} samples/s")
 
 
