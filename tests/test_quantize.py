@@ -90,3 +90,17 @@ def test_errors(models, tmp_path: Path) -> None:
     torch.save({"format": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an int8 IDM file"):
         load_quantized(tmp_path / "other.pt")
+
+
+def test_first_and_last_unet_convs_keep_float_compute(models, tmp_path: Path) -> None:
+    _, int8 = models
+    save_quantized(int8, tmp_path / "int8.pt")
+    for model in (int8, load_quantized(tmp_path / "int8.pt")):
+        assert type(model.unet.conv_in) is torch.nn.Conv2d and type(model.unet.conv_out) is torch.nn.Conv2d
+        n_int8 = sum(type(m) is torch.ao.nn.quantized.Conv2d for m in model.unet.modules())
+        n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in IDM(CFG).unet.modules())
+        assert n_int8 == n_convs - 2
+    blob = torch.load(tmp_path / "int8.pt", weights_only=True)
+    torch.save({**blob, "format": "idm-int8/1"}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"not an int8 IDM file of format 'idm-int8/2' \(format: 'idm-int8/1'\)"):
+        load_quantized(tmp_path / "old.pt")

@@ -70,7 +70,8 @@ def main() -> None:
     fp32 = DiffusionSR.from_checkpoint(args.checkpoint, steps=s.steps, sampler=s.sampler, eta=s.eta, seed=s.seed,
                                       temperature=s.temperature)
     int8 = quantize_denoiser(fp32.model, calibration_set(args.prepared), schedule=fp32.schedule,
-                             timesteps=fp32.timesteps, generator=torch.Generator().manual_seed(s.seed))
+                             timesteps=fp32.timesteps, temperature=s.temperature,
+                             generator=torch.Generator().manual_seed(s.seed))
     with staged_dir(args.out) as staged:  # the model and its report replace the old ones together
         save_quantized(int8, staged / "model_int8.pt")
         t_fp32, t_int8 = seconds_per_step(fp32.model), seconds_per_step(int8)
