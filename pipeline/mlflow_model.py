@@ -8,6 +8,7 @@ works for serving while evaluation reads the checkpoint file directly.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,21 +41,30 @@ class IDMPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
+        """Load the model once; predict only changes the sampling settings."""
+        from idm.methods import DiffusionSR
+
         self.checkpoint = context.artifacts[CHECKPOINT_ARTIFACT]
         self.int8 = context.artifacts.get(INT8_ARTIFACT)
-
-    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
-        from idm.methods import DiffusionSR
-        from idm.resize import target_size
-
-        params = {"scale": 4.0, "steps": SAMPLE.steps, "seed": SAMPLE.seed, "temperature": SAMPLE.temperature,
-                  **(params or {})}
-        method = DiffusionSR.from_checkpoint(self.checkpoint, steps=int(params["steps"]), seed=int(params["seed"]),
-                                             temperature=float(params["temperature"]))
+        self.method = DiffusionSR.from_checkpoint(self.checkpoint, steps=SAMPLE.steps, seed=SAMPLE.seed,
+                                                  temperature=SAMPLE.temperature)
         if self.int8:
             from idm.quantize import load_quantized
 
-            method.model, method.device = load_quantized(self.int8), torch.device("cpu")
+            self.method.model, self.method.device = load_quantized(self.int8), torch.device("cpu")
+
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
+        from idm.resize import target_size
+        from idm.sampling import check_temperature, spaced_timesteps
+
+        params = {"scale": 4.0, "steps": SAMPLE.steps, "seed": SAMPLE.seed, "temperature": SAMPLE.temperature,
+                  **(params or {})}
+        method = copy.copy(self.method)  # shares the loaded model; settings are per call
+        total = method.schedule.timesteps
+        method.timesteps = spaced_timesteps(total, min(int(params["steps"]), total))
+        method.seed = int(params["seed"])
+        check_temperature(float(params["temperature"]))
+        method.temperature = float(params["temperature"])
         lr = np.asarray(model_input, dtype=np.uint8)
         return method(lr, target_size(lr.shape[:2], float(params["scale"])))
 

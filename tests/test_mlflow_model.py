@@ -1,0 +1,52 @@
+"""The registered pyfunc model: loads once, samples with per-call settings, matches DiffusionSR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from idm.config import DiffusionConfig, ModelConfig
+from idm.methods import DiffusionSR
+from idm.train import TrainConfig, fit
+from pipeline.mlflow_model import log_and_register
+from tests.helpers import photo
+
+TINY = ModelConfig(encoder_blocks=1, encoder_channels=8, base_channels=8, channel_mults=(1, 2), res_blocks=1,
+                   attention_levels=(), norm_groups=4, implicit_hidden=16, modulation_hidden=8, dropout=0.0,
+                   prediction="x0")
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    ckpt = tmp_path_factory.mktemp("pyfunc") / "model.pt"
+    fit(TINY, DiffusionConfig(timesteps=100), TrainConfig(steps=2, batch_size=2, patch_size=16, target="refine",
+                                                         condition_loss=1.0, checkpoint_every=0),
+        [photo(24, 24, 1)], device="cpu", ckpt_path=ckpt, progress=False)
+    with mlflow.start_run():
+        version = log_and_register(ckpt)
+    return ckpt, version
+
+
+def test_pyfunc_predicts_what_diffusion_sr_gives(registered, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt, version = registered
+    model = mlflow.pyfunc.load_model(f"models:/idm/{version}")
+    lr = photo(10, 12, 3)
+    loads = []
+    original = DiffusionSR.from_checkpoint.__func__
+    monkeypatch.setattr(DiffusionSR, "from_checkpoint",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)))
+    out = model.predict(lr, params={"scale": 2.5, "steps": 3, "seed": 4, "temperature": 1.0})
+    again = model.predict(lr, params={"scale": 2.5, "steps": 3, "seed": 4, "temperature": 1.0})
+    other_seed = model.predict(lr, params={"scale": 2.5, "steps": 3, "seed": 5, "temperature": 1.0})
+    assert loads == []  # the model was loaded once, in load_context
+    assert out.shape == (25, 30, 3) and out.dtype == np.uint8
+    monkeypatch.undo()
+    reference = DiffusionSR.from_checkpoint(ckpt, steps=3, seed=4, temperature=1.0)(lr, (25, 30))
+    np.testing.assert_array_equal(out, reference)
+    np.testing.assert_array_equal(out, again)
+    assert not np.array_equal(out, other_seed)
+    with pytest.raises(ValueError, match="temperature must be a number in"):
+        model.predict(lr, params={"scale": 2.0, "temperature": 2.0})
