@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/README.md: shared machines
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -36,6 +37,9 @@ from idm.diffusion import make_schedule  # noqa: E402
 from idm.models import IDM  # noqa: E402
 from idm.quantize import file_size, quantize_denoiser, save_quantized  # noqa: E402
 from idm.sampling import sample_ddim, spaced_timesteps  # noqa: E402
+from pipeline.params import SampleParams  # noqa: E402
+
+SAMPLE = SampleParams()  # the sampling defaults of params.yaml
 
 
 def step_fns(models: dict[str, torch.nn.Module], lr: torch.Tensor, size: tuple[int, int]) -> dict:
@@ -106,10 +110,10 @@ def speed_and_size(fp32: IDM, int8: IDM, label: str, args: argparse.Namespace) -
 
 
 def quantize_on(net: IDM, calib_folder: Path, n: int, scale: float, crop: int, steps: list[int],
-                schedule) -> IDM:
-    """int8 copy of `net`, calibrated on n images of `calib_folder` over `steps`."""
+                schedule, temperature: float = 1.0) -> IDM:
+    """int8 copy of `net`, calibrated on n images of `calib_folder` over `steps` from noise x `temperature`."""
     calib = [(to_tensor(lr), hr.shape[:2]) for hr, lr in test_pairs(calib_folder, scale, crop, limit=n)]
-    return quantize_denoiser(net, calib, schedule=schedule, timesteps=steps,
+    return quantize_denoiser(net, calib, schedule=schedule, timesteps=steps, temperature=temperature,
                              generator=torch.Generator().manual_seed(0))
 
 
@@ -132,7 +136,10 @@ def main() -> None:
     parser.add_argument("--calib-images", type=int, default=2)
     parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument("--crop", type=int, default=96, help="HR centre crop (px); 0 = whole image")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (calibration and test)")
+    parser.add_argument("--steps", type=int, default=SAMPLE.steps,
+                        help=f"DDIM steps, calibration and test (default {SAMPLE.steps}, as params.yaml)")
+    parser.add_argument("--temperature", type=float, default=SAMPLE.temperature,
+                        help=f"scale of the initial noise (default {SAMPLE.temperature}, as params.yaml)")
     parser.add_argument("--speed-preset", default="paper", choices=sorted(MODEL_PRESETS) + ["none"])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--pt2e", action="store_true", help="also time the PT2E + Inductor path (minutes)")
@@ -140,9 +147,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {load_average()}")
-    net: Trained = load_trained(args.checkpoint)
+    net: Trained = dataclasses.replace(load_trained(args.checkpoint), temperature=args.temperature)
     steps = spaced_timesteps(net.schedule.timesteps, args.steps)
-    int8 = quantize_on(net.model, args.calib_folder, args.calib_images, args.scale, args.crop, steps, net.schedule)
+    int8 = quantize_on(net.model, args.calib_folder, args.calib_images, args.scale, args.crop, steps, net.schedule,
+                       args.temperature)
     pairs = test_pairs(args.folder, args.scale, args.crop)
     p32, p8, between = psnr_delta(net, int8, pairs, steps, args.scale)
     rows = ["| model | fp32 s/step | int8 s/step | speed-up | fp32 MiB | int8 MiB | smaller |",

@@ -106,7 +106,12 @@ def checkpoint_from_uri(uri: str, dest: Path | None = None) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except mlflow.exceptions.MlflowException as err:
-        raise ValueError(f"cannot load model {uri!r}: {str(err).splitlines()[0]}") from None
+        hint = ""
+        if "alias" in str(err) and "not found" in str(err):
+            hint = ("; `dvc repro` registers each trained model with the alias 'candidate', and only the retrain "
+                    "flow's promotion gate sets 'champion' (make serve, or python -m pipeline.flows retrain): "
+                    f"try models:/{MODEL_NAME}@candidate or a checkpoint path such as models/idm/model.pt")
+        raise ValueError(f"cannot load model {uri!r}: {str(err).splitlines()[0].rstrip('.')}{hint}") from None
     found = sorted(p for p in local.rglob("*.pt") if not p.name.endswith("_int8.pt"))
     if not found:
         raise ValueError(f"model {uri!r} holds no checkpoint (.pt) artifact")

@@ -50,3 +50,10 @@ def test_pyfunc_predicts_what_diffusion_sr_gives(registered, monkeypatch: pytest
     assert not np.array_equal(out, other_seed)
     with pytest.raises(ValueError, match="temperature must be a number in"):
         model.predict(lr, params={"scale": 2.0, "temperature": 2.0})
+
+
+def test_a_missing_alias_says_which_aliases_the_pipeline_sets(registered, tmp_path: Path) -> None:
+    from pipeline.mlflow_model import checkpoint_from_uri
+
+    with pytest.raises(ValueError, match=r"alias no-such-alias not found; .* try models:/idm@candidate"):
+        checkpoint_from_uri("models:/idm@no-such-alias", tmp_path / "dl")
