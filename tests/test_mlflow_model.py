@@ -11,6 +11,7 @@ import pytest
 from idm.config import DiffusionConfig, ModelConfig
 from idm.methods import DiffusionSR
 from idm.train import TrainConfig, fit
+from pipeline import tracking
 from pipeline.mlflow_model import log_and_register
 from tests.helpers import photo
 
@@ -25,7 +26,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     fit(TINY, DiffusionConfig(timesteps=100), TrainConfig(steps=2, batch_size=2, patch_size=16, target="refine",
                                                          condition_loss=1.0, checkpoint_every=0),
         [photo(24, 24, 1)], device="cpu", ckpt_path=ckpt, progress=False)
-    with mlflow.start_run():
+    experiment = tracking.setup()  # experiment `idm`, artifacts beside the test store, not in ./mlruns
+    with mlflow.start_run(experiment_id=experiment):
         version = log_and_register(ckpt)
     return ckpt, version
 
