@@ -24,7 +24,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from idm.config import ModelConfig
-from idm.io import naming, remove_stale_temps
+from idm.io import atomic_path
 from idm.models import IDM
 
 FORMAT = 1
@@ -72,21 +71,12 @@ def save_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:
     writers left beside `path` are removed once the new file is in place.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in ckpt.items() if k != DIGEST}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with naming(path), os.fdopen(fd, "wb") as f:  # a full disk's error names `path`
-            torch.save({**body, DIGEST: content_digest(body)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({**body, DIGEST: content_digest(body)}, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
     _fsync_dir(path.parent)
-    remove_stale_temps(path)
 
 
 def content_digest(ckpt: Mapping[str, Any]) -> str:

@@ -110,6 +110,13 @@ class DiffusionSR:
                                         **kwargs)
         return to_uint8(image)
 
+    def use_int8(self, path: str | Path) -> DiffusionSR:
+        """Swap in the int8 denoiser saved at `path` (idm.quantize); int8 kernels run on CPU only."""
+        from idm.quantize import load_quantized
+
+        self.model, self.device = load_quantized(path), torch.device("cpu")
+        return self
+
     def _decode(self, x0: Tensor, lr: Tensor, cond: Condition) -> Tensor:
         """The sampler's x0 as an image (the model's target may be a residual; idm.targets)."""
         return decode(x0, lr, tuple(x0.shape[-2:]), self.target, self.residual_scale, x_con=cond.x_con)

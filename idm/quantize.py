@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from idm.config import ModelConfig
+from idm.io import atomic_path
 from idm.diffusion import Schedule
 from idm.models import IDM
 from idm.sampling import Sampler, sample_ddim
@@ -216,15 +217,13 @@ def save_quantized(model: IDM, path: str | os.PathLike) -> None:
     """Write an int8 model from `quantize_denoiser` to `path` (weights_only-loadable)."""
     if not is_quantized(model):
         raise ValueError("model is not quantized; run quantize_denoiser first")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet():
+    with _quiet(), atomic_path(path) as tmp:
         state = model.state_dict()
         blob = {"format": FORMAT, "model_config": dataclasses.asdict(model.cfg),
                 "reduce_range": bool(getattr(model, "reduce_range", True)),
                 "state": {k: v for k, v in state.items() if not _is_float_matrix(v)},
                 "int8_weights": {k: _pack(v) for k, v in state.items() if _is_float_matrix(v)}}
-        torch.save(blob, path)
+        torch.save(blob, tmp)
 
 
 def load_quantized(path: str | os.PathLike) -> IDM:

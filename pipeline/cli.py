@@ -43,8 +43,6 @@ def parse_scale(text: str) -> float:
 
 def load_method(args: argparse.Namespace):
     """The IDM method for --model (a checkpoint path or an MLflow model URI), fp32 or int8."""
-    import torch
-
     from idm.device import resolve_device
     from idm.methods import DiffusionSR
 
@@ -62,14 +60,13 @@ def load_method(args: argparse.Namespace):
                                          temperature=args.temperature, device=str(resolve_device(args.device)),
                                          max_bytes=max_bytes)
     if args.int8:
-        from idm.quantize import load_quantized
         from pipeline.mlflow_model import int8_beside
 
         int8 = int8_beside(path)
         if int8 is None:
             raise FileNotFoundError(f"--int8: no model_int8.pt beside {path} or in {path.parent.parent / 'idm-int8'}; "
                                     f"run `dvc repro quantize` or pass a model version tagged quantization=int8")
-        method.model, method.device = load_quantized(int8), torch.device("cpu")  # int8 kernels are CPU-only
+        method.use_int8(int8)
     return method
 
 

@@ -17,7 +17,7 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.models import ModelSignature
-from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from pipeline.params import ROOT, SampleParams
 
@@ -49,9 +49,7 @@ class IDMPyfunc(mlflow.pyfunc.PythonModel):
         self.method = DiffusionSR.from_checkpoint(self.checkpoint, steps=SAMPLE.steps, seed=SAMPLE.seed,
                                                   temperature=SAMPLE.temperature)
         if self.int8:
-            from idm.quantize import load_quantized
-
-            self.method.model, self.method.device = load_quantized(self.int8), torch.device("cpu")
+            self.method.use_int8(self.int8)
 
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         from idm.resize import target_size

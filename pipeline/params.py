@@ -131,6 +131,11 @@ class SampleParams:
     def max_bytes(self) -> int:
         return int(self.max_memory_gb * 2**30)
 
+    def method_options(self) -> dict[str, Any]:
+        """These settings as keyword arguments of idm.methods.DiffusionSR.from_checkpoint."""
+        return dict(steps=self.steps, sampler=self.sampler, eta=self.eta, seed=self.seed,
+                    temperature=self.temperature, max_bytes=self.max_bytes, overlap=self.tile_overlap)
+
     def __post_init__(self) -> None:
         _check(self.max_memory_gb > 0, "sample.max_memory_gb", f"a number > 0, got {self.max_memory_gb}")
         _check(self.tile_overlap >= 0, "sample.tile_overlap", f"an integer >= 0, got {self.tile_overlap}")

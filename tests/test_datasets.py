@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from idm.datasets import center_crop, copy_folder, export_skimage, make_pair, split

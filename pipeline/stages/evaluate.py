@@ -16,7 +16,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from idm import metrics
 from idm.device import resolve_device
@@ -30,24 +29,17 @@ from pipeline.stages import run, staged_dir
 
 def build_methods(params: Params, checkpoint: Path, device: str) -> list[Method]:
     """The methods params.yaml asks for; `idm` is the trained checkpoint's EMA model."""
-    sample = params.sample
-
     def idm() -> Method:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint}: no trained model; run the train stage first (dvc repro train)")
-        return DiffusionSR.from_checkpoint(checkpoint, steps=sample.steps, sampler=sample.sampler, eta=sample.eta,
-                                           seed=sample.seed, temperature=sample.temperature, device=device, max_bytes=sample.max_bytes,
-                                           overlap=sample.tile_overlap)
+        return DiffusionSR.from_checkpoint(checkpoint, device=device, **params.sample.method_options())
 
     def idm_int8() -> Method:
-        from idm.quantize import load_quantized
-
         int8 = checkpoint.parent.parent / "idm-int8" / "model_int8.pt"
         if not int8.is_file():
             raise FileNotFoundError(f"{int8}: no int8 model; run the quantize stage first (dvc repro quantize)")
-        method = idm()
-        method.model, method.name = load_quantized(int8), "idm-int8"
-        method.device = torch.device("cpu")  # int8 kernels are CPU-only (x86 backend)
+        method = idm().use_int8(int8)
+        method.name = "idm-int8"
         return method
 
     builders = {"bicubic": Bicubic, "idm": idm, "idm-int8": idm_int8}
@@ -61,13 +53,9 @@ def model_uri_method(args: argparse.Namespace, params: Params, device: str) -> l
 
     setup()
     path = checkpoint_from_uri(args.model_uri, args.sr_out.parent / f".{args.label}-model")
-    s = params.sample
-    method = DiffusionSR.from_checkpoint(path, steps=s.steps, sampler=s.sampler, eta=s.eta, seed=s.seed,
-                                         temperature=s.temperature, device=device, name=args.label, max_bytes=s.max_bytes, overlap=s.tile_overlap)
+    method = DiffusionSR.from_checkpoint(path, device=device, name=args.label, **params.sample.method_options())
     if (path.parent / "model_int8.pt").is_file():  # an int8 version: its artifacts carry the int8 denoiser
-        from idm.quantize import load_quantized
-
-        method.model, method.device = load_quantized(path.parent / "model_int8.pt"), torch.device("cpu")
+        method.use_int8(path.parent / "model_int8.pt")
     return [method]
 
 

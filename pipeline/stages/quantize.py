@@ -67,8 +67,7 @@ def main() -> None:
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"{args.checkpoint}: no trained model; run the train stage first (dvc repro train)")
     s = params.sample
-    fp32 = DiffusionSR.from_checkpoint(args.checkpoint, steps=s.steps, sampler=s.sampler, eta=s.eta, seed=s.seed,
-                                      temperature=s.temperature)
+    fp32 = DiffusionSR.from_checkpoint(args.checkpoint, **s.method_options())
     int8 = quantize_denoiser(fp32.model, calibration_set(args.prepared), schedule=fp32.schedule,
                              timesteps=fp32.timesteps, temperature=s.temperature,
                              generator=torch.Generator().manual_seed(s.seed))
