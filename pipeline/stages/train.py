@@ -104,10 +104,13 @@ def sample_logger(params: Params, images: list[np.ndarray], device: torch.device
     d = params.diffusion
     schedule = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
 
+    s = params.sample  # the sample looks like what evaluate will produce
+
     def log_sample(step: int, model: torch.nn.Module) -> None:
-        method = DiffusionSR(model, schedule=schedule, timesteps=spaced_timesteps(d.timesteps, min(10, d.timesteps)),
-                             target=params.train.target, residual_scale=params.train.residual_scale,
-                             temperature=params.sample.temperature, device=device)
+        timesteps = spaced_timesteps(d.timesteps, min(s.steps, d.timesteps))
+        method = DiffusionSR(model, schedule=schedule, timesteps=timesteps, sampler=s.sampler, eta=s.eta,
+                             seed=s.seed, temperature=s.temperature, target=params.train.target,
+                             residual_scale=params.train.residual_scale, device=device)
         mlflow.log_image(np.concatenate([method(lr, hr.shape[:2]), hr], axis=1), key="sample_x4", step=step)
 
     return log_sample
