@@ -223,7 +223,8 @@ def save_quantized(model: IDM, path: str | os.PathLike) -> None:
                 "reduce_range": bool(getattr(model, "reduce_range", True)),
                 "state": {k: v for k, v in state.items() if not _is_float_matrix(v)},
                 "int8_weights": {k: _pack(v) for k, v in state.items() if _is_float_matrix(v)}}
-        torch.save(blob, tmp)
+        with open(tmp, "wb") as f:  # a file object: torch.save would name the archive after the random tmp name
+            torch.save(blob, f)
 
 
 def load_quantized(path: str | os.PathLike) -> IDM:

@@ -104,3 +104,11 @@ def test_first_and_last_unet_convs_keep_float_compute(models, tmp_path: Path) ->
     torch.save({**blob, "format": "idm-int8/1"}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match=r"not an int8 IDM file of format 'idm-int8/2' \(format: 'idm-int8/1'\)"):
         load_quantized(tmp_path / "old.pt")
+
+
+def test_saved_bytes_do_not_depend_on_the_file_name(models, tmp_path: Path) -> None:
+    """Deterministic outputs for DVC: the same model saved under two names gives the same bytes."""
+    _, int8 = models
+    save_quantized(int8, tmp_path / "a.pt")
+    save_quantized(int8, tmp_path / "model_int8.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "model_int8.pt").read_bytes()
