@@ -47,7 +47,8 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     steps, schedule = spaced_timesteps(1000, args.steps), make_schedule("linear", 1000)
     out = tiled_super_resolve(model, lr, size, steps, schedule=schedule, sampler=sample_ddim, eta=0.0,
-                              tile=args.tile, overlap=args.overlap, generator=torch.Generator().manual_seed(0))
+                              tile=args.tile, overlap=args.overlap, context=args.context,
+                              generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, *size)
     print(f"{time.perf_counter() - start:.1f}")
 
@@ -55,7 +56,7 @@ def child(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace, tile: int) -> tuple[float, float]:
     """(peak RSS in bytes, seconds) of a child process running the upscale with `tile`."""
     cmd = [sys.executable, "-m", "bench.tiled_memory", "--child", "--tile", str(tile)] + [
-        f"--{k}={getattr(args, k)}" for k in ("lr", "scale", "steps", "overlap", "preset", "threads")]
+        f"--{k}={getattr(args, k)}" for k in ("lr", "scale", "steps", "overlap", "context", "preset", "threads")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage (ru_maxrss in KiB on Linux)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--overlap", type=int, default=16)
+    parser.add_argument("--context", type=int, default=32, help="HR px of extra input around each tile")
     parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -82,14 +84,16 @@ def main() -> None:
     cfg, size = MODEL_PRESETS[args.preset], (round(args.lr * args.scale),) * 2
     print(f"load average before: {load_average()}")
     print(f"{args.preset} preset, {args.lr}x{args.lr} -> {size[0]}x{size[1]}, DDIM {args.steps} steps, "
-          f"overlap {args.overlap} LR px; untiled estimate {estimate_peak_bytes(cfg, size) / GIB:.0f} GiB\n")
+          f"overlap {args.overlap} LR px, context {args.context} HR px; untiled estimate {estimate_peak_bytes(cfg, size) / GIB:.0f} GiB\n")
     rows = ["| bound (GiB) | tile (LR px) | tiles | estimated peak (GiB) | measured peak RSS (GiB) | s |",
             "|---|---|---|---|---|---|"]
     for bound in args.bounds:
-        tile = choose_tile(cfg, (args.lr,) * 2, size, max_bytes=int(bound * GIB), overlap=args.overlap)
+        tile = choose_tile(cfg, (args.lr,) * 2, size, max_bytes=int(bound * GIB), overlap=args.overlap,
+                           context=args.context)
         tile = tile or args.lr
         n = len(plan_axis(args.lr, size[0], tile, args.overlap)) ** 2
-        estimate = estimate_tiled_peak_bytes(cfg, (args.lr,) * 2, size, tile=tile)
+        estimate = estimate_tiled_peak_bytes(cfg, (args.lr,) * 2, size, tile=tile, overlap=args.overlap,
+                                             context=args.context)
         peak, seconds = measure(args, tile)
         rows.append(f"| {bound:g} | {tile} | {n} | {estimate / GIB:.2f} "
                     f"| {peak / GIB:.2f} | {seconds:.0f} |")

@@ -59,14 +59,16 @@ class DiffusionSR:
     The initial noise comes from a generator seeded with `seed` for every image, so
     outputs are reproducible image by image whatever the evaluation order. With
     `max_bytes`, an output whose untiled run would exceed that memory estimate is made
-    tile by tile (idm.tiling), with `overlap` LR pixels between tiles. `temperature`
+    tile by tile (idm.tiling), with `overlap` LR pixels between tiles and `context` HR
+    pixels of extra input around each (idm.tiling.input_span). `temperature`
     scales the initial noise (idm.sampling.super_resolve).
     """
 
     def __init__(self, model: nn.Module, *, schedule: Schedule, timesteps: Sequence[int], sampler: str = "ddim",
                  eta: float = 0.0, target: str = "image", residual_scale: float = 1.0, clip_x0: bool = True,
                  seed: int = 0, device: torch.device | str = "cpu", name: str = "idm",
-                 max_bytes: int | None = None, overlap: int = 8, temperature: float = 1.0) -> None:
+                 max_bytes: int | None = None, overlap: int = 8, context: int = 32,
+                 temperature: float = 1.0) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
         self.model = model.to(device).eval()
@@ -74,14 +76,14 @@ class DiffusionSR:
         self.sampler, self.eta, self.clip_x0 = SAMPLERS[sampler], eta, clip_x0
         self.target, self.residual_scale = target, residual_scale
         self.seed, self.device, self.name = seed, torch.device(device), name
-        self.max_bytes, self.overlap = max_bytes, overlap  # None: never tile
+        self.max_bytes, self.overlap, self.context = max_bytes, overlap, context  # max_bytes None: never tile
         check_temperature(temperature)
         self.temperature = temperature
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, steps: int, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
                         device: torch.device | str = "cpu", name: str = "idm", max_bytes: int | None = None,
-                        overlap: int = 8, temperature: float = 1.0) -> DiffusionSR:
+                        overlap: int = 8, context: int = 32, temperature: float = 1.0) -> DiffusionSR:
         """Rebuild the EMA model a checkpoint describes, with its own schedule and target."""
         ckpt = load_checkpoint(path)
         diffusion = DiffusionConfig(**ckpt["diffusion_config"])
@@ -92,7 +94,7 @@ class DiffusionSR:
                    timesteps=spaced_timesteps(diffusion.timesteps, min(steps, diffusion.timesteps)),
                    sampler=sampler, eta=eta, target=train["target"], residual_scale=train["residual_scale"],
                    clip_x0=diffusion.clip_x0, seed=seed, device=device, name=name, max_bytes=max_bytes,
-                   overlap=overlap, temperature=temperature)
+                   overlap=overlap, context=context, temperature=temperature)
 
     @torch.inference_mode()
     def __call__(self, lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -102,12 +104,13 @@ class DiffusionSR:
                       temperature=self.temperature, decode=self._decode, generator=generator)
         tile = None
         if self.max_bytes is not None:
-            tile = choose_tile(self.model.cfg, lr.shape[:2], size, max_bytes=self.max_bytes, overlap=self.overlap)
+            tile = choose_tile(self.model.cfg, lr.shape[:2], size, max_bytes=self.max_bytes, overlap=self.overlap,
+                               context=self.context)
         if tile is None:
             image = super_resolve(self.model, x_lr, size, self.timesteps, **kwargs)
         else:
             image = tiled_super_resolve(self.model, x_lr, size, self.timesteps, tile=tile, overlap=self.overlap,
-                                        **kwargs)
+                                        context=self.context, **kwargs)
         return to_uint8(image)
 
     def use_int8(self, path: str | Path) -> DiffusionSR:

@@ -7,9 +7,21 @@ divided by the summed weights.
 Geometry. Tiles are planned per axis in LR pixels. A tile covering LR rows [a, b)
 writes HR rows [hr(a), hr(b)) with hr(a) = round(a * H / h), computed in integers, so
 neighbouring tiles agree on every boundary and the last tile ends exactly at H: the
-tiles line up with the untiled output grid for any scale, integer or not. Each tile
-is upscaled to exactly that HR size, so a tile's own scale differs from H / h by
-under half an HR pixel over the tile.
+tiles line up with the untiled output grid for any scale, integer or not. The network
+sees more than the tile (`input_span`): `context` HR pixels (rounded up to whole LR
+pixels) on every side, so that no output it keeps is computed from zero padding, and a start moved onto the whole image's
+grids (HR pixel centres and the UNet's stride-2 grids), so that a tile is computed as
+the same part of the whole picture and not as a slightly shifted or stretched one.
+
+What tiling cannot reproduce. GroupNorm statistics and self-attention span the whole
+input: a tile normalises with its own statistics and attends within itself. Measured on
+the default model's smooth test photo (`bench/tiled_seams`), tiled minus untiled
+Y-PSNR is +0.00 to +0.21 dB with context (tiles are the better ones; the model was
+trained on 48 px patches); with whole-image GroupNorm statistics and attention removed
+from both runs, the difference falls to 0.004 dB, so those two operations are all that
+is left. On textured photos the difference is within 0.02 dB with 32 HR px of context.
+Context is counted in HR pixels because the denoiser, whose receptive field it must
+cover, runs at the output resolution.
 
 Noise. For a diffusion sampler to give the same picture tiled and untiled, x_T is
 drawn once for the whole HR image and each tile receives its crop (`noise=` of
@@ -101,37 +113,91 @@ def plan_axis(lr_len: int, hr_len: int, tile: int, overlap: int) -> list[Span]:
     return spans
 
 
+def unet_stride(cfg: ModelConfig) -> int:
+    """How many times smaller the UNet's coarsest level is: its levels halve the size
+    len(channels) - 1 times."""
+    return 2 ** (len(cfg.channels) - 1)
+
+
+def lr_pixels(hr_pixels: int, lr_len: int, hr_len: int) -> int:
+    """The whole LR pixels covering `hr_pixels` HR pixels: ceil(hr_pixels * h / H), and at
+    least one when hr_pixels > 0."""
+    return -(-hr_pixels * lr_len // hr_len)
+
+
+def input_span(span: Span, lr_len: int, hr_len: int, *, context: int = 0, align: int = 1) -> tuple[int, int]:
+    """The LR pixels [a0, a1) a tile's network sees: its span widened by `context` px on
+    each side (clipped to the image), its ends moved further out (by at most a quarter
+    of the span each) onto the whole image's grids where possible.
+
+    Context lets the convolutions near a tile's inner edges see real neighbours instead of
+    zero padding; the network's output over the context is dropped. The start is moved,
+    in order of preference, to an LR pixel a0 whose HR position a0 * H / h is (1) an
+    integer multiple of `align`, (2) a multiple of `align` after rounding, (3) left alone;
+    the end, to one whose HR position is an integer. Exact ends put the tile's HR pixel
+    centres exactly on the whole image's, so the tile is upscaled by exactly H / h and
+    not by its rounded size ratio; `align` (the factor by
+    which the UNet's coarsest level is smaller) keeps its stride-2 grids in phase with
+    the whole image's. On the default model's smooth test photo at x2.5, these took the
+    tiled output from 56 to 58-65 dB PSNR against the untiled one (bench/tiled_seams).
+    """
+    a0, a1 = max(span.lr0 - context, 0), min(span.lr1 + context, lr_len)
+    slack = (span.lr1 - span.lr0) // 4
+    # HR positions a * H / h are integers for a = k * h / g (g = gcd(h, H)), and then
+    # multiples of align when k is a multiple of align / gcd(align, H / g).
+    g = math.gcd(lr_len, hr_len)
+    exact_end = min(-(-a1 // (lr_len // g)) * (lr_len // g), lr_len)  # the image's end is exact
+    if exact_end - a1 <= slack:  # an exact end too, so the tile's scale is exactly H / h
+        a1 = exact_end
+    period = lr_len // g * (align // math.gcd(align, hr_len // g))
+    if a0 - a0 // period * period <= slack:
+        return a0 // period * period, a1
+    lowest = max(a0 - slack, 0)
+    rounded = next((b for b in range(a0, lowest - 1, -1) if hr_coord(b, lr_len, hr_len) % align == 0), a0)
+    return rounded, a1
+
+
 def tiled_apply(fn: TileFn, lr: Tensor, size: tuple[int, int], *, tile: int, overlap: int,
-                noise: Tensor | None = None) -> Tensor:
+                noise: Tensor | None = None, context: int = 0, align: int = 1) -> Tensor:
     """Upscale lr (B, 3, h, w) in [-1, 1] to size (H, W) tile by tile: (B, 3, H, W).
 
     fn(lr_tile (B, 3, t_h, t_w), (T_H, T_W)) -> (B, 3, T_H, T_W) upscales one tile; when
     `noise` (B, C, H, W) is given (a sampler's x_T for the whole image), it is called as
     fn(lr_tile, (T_H, T_W), noise_tile) with the tile's crop of it. `tile` and `overlap`
-    are in LR pixels; tiles are square except where the image is smaller.
+    are in LR pixels; tiles are square except where the image is smaller. Each tile's
+    network input is widened by `context` HR px (in whole LR px, at least one) and aligned
+    to `align` HR px (`input_span`); only the tile's own span of its output is blended.
     """
     height, width = (int(s) for s in size)
     if lr.dim() != 4 or height < 1 or width < 1:
         raise ValueError(f"need lr (B, C, h, w) and a size of at least 1x1, got {tuple(lr.shape)}, {size}")
     if noise is not None and (noise.shape[0] != lr.shape[0] or tuple(noise.shape[-2:]) != (height, width)):
         raise ValueError(f"noise {tuple(noise.shape)} must be (B, C, H, W) = ({lr.shape[0]}, C, {height}, {width})")
-    rows = plan_axis(lr.shape[-2], height, tile, overlap)
-    cols = plan_axis(lr.shape[-1], width, tile, overlap)
-    out = weight_sum = None
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise ValueError(f"context must be an integer number of HR pixels >= 0, got {context!r}")
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be an integer number of HR pixels >= 1, got {align!r}")
+    (h, w), out, weight_sum = lr.shape[-2:], None, None
+    rows, cols = plan_axis(h, height, tile, overlap), plan_axis(w, width, tile, overlap)
     for r in rows:
+        a0, a1 = input_span(r, h, height, context=lr_pixels(context, h, height), align=align)
+        R0, R1 = hr_coord(a0, h, height), hr_coord(a1, h, height)
         for c in cols:
-            args = [lr[..., r.lr0:r.lr1, c.lr0:c.lr1], (r.hr1 - r.hr0, c.hr1 - c.hr0)]
+            b0, b1 = input_span(c, w, width, context=lr_pixels(context, w, width), align=align)
+            C0, C1 = hr_coord(b0, w, width), hr_coord(b1, w, width)
+            args = [lr[..., a0:a1, b0:b1], (R1 - R0, C1 - C0)]
             if noise is not None:
-                args.append(noise[..., r.hr0:r.hr1, c.hr0:c.hr1])
+                args.append(noise[..., R0:R1, C0:C1])
             y = fn(*args)
             if y.shape[0] != lr.shape[0] or tuple(y.shape[-2:]) != args[1]:
                 raise ValueError(f"fn returned {tuple(y.shape)} for a tile of size {args[1]}")
             if out is None:
                 out = y.new_zeros((*y.shape[:2], height, width))
                 weight_sum = y.new_zeros((height, width))
-            w = (r.weight[:, None] * c.weight[None, :]).to(y)
-            out[..., r.hr0:r.hr1, c.hr0:c.hr1] += y * w
-            weight_sum[r.hr0:r.hr1, c.hr0:c.hr1] += w
+            y = y[..., r.hr0 - R0:r.hr1 - R0, c.hr0 - C0:c.hr1 - C0]
+            weight = (r.weight[:, None] * c.weight[None, :]).to(y)
+            out[..., r.hr0:r.hr1, c.hr0:c.hr1] += y * weight
+            weight_sum[r.hr0:r.hr1, c.hr0:c.hr1] += weight
     return out / weight_sum
 
 
@@ -139,13 +205,16 @@ def tiled_apply(fn: TileFn, lr: Tensor, size: tuple[int, int], *, tile: int, ove
 def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], timesteps: Sequence[int], *,
                         schedule: Schedule, tile: int, overlap: int, sampler: Sampler = sample_ddpm,
                         eta: float | None = None, clip_x0: bool = True, temperature: float = 1.0,
-                        decode: Decoder | None = None, generator: torch.Generator | None = None) -> Tensor:
+                        decode: Decoder | None = None, generator: torch.Generator | None = None,
+                        context: int = 0, align: int | None = None) -> Tensor:
     """`idm.sampling.super_resolve`, tile by tile: lr (B, 3, h, w) -> (B, 3, H, W) in [-1, 1].
 
     x_T is drawn once for the whole (H, W) image with `generator`, and every tile starts
     from its crop, so with a deterministic sampler (DDIM, eta = 0) overlapping tiles
     agree up to their different context. Each tile's condition is computed once, and
     `decode` (idm.sampling.super_resolve) is applied tile by tile, before blending.
+    `context` and `align` (HR px; align defaults to the UNet's coarsest stride) widen each
+    tile's input (`input_span`).
     """
     check_temperature(temperature)
     where = generator.device if generator is not None else lr.device
@@ -158,7 +227,9 @@ def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], tim
                      generator=generator, **extra)
         return x0 if decode is None else decode(x0, lr_tile, cond)
 
-    return tiled_apply(one_tile, lr, size, tile=tile, overlap=overlap, noise=x_T)
+    if align is None:
+        align = unet_stride(model.cfg)
+    return tiled_apply(one_tile, lr, size, tile=tile, overlap=overlap, noise=x_T, context=context, align=align)
 
 
 # --- memory bound --------------------------------------------------------------------
@@ -216,29 +287,41 @@ def check_memory(cfg: ModelConfig, size: tuple[int, int], *, max_bytes: int, bat
                          f"enable tiling (idm.tiling.choose_tile gives a tile size that fits)")
 
 
+def largest_input(lr_len: int, hr_len: int, *, tile: int, overlap: int, context: int = 0, align: int = 1) -> int:
+    """The most HR pixels along one axis that any tile's network input (`input_span`) covers."""
+    lr_context = lr_pixels(context, lr_len, hr_len)
+    spans = (input_span(s, lr_len, hr_len, context=lr_context, align=align)
+             for s in plan_axis(lr_len, hr_len, tile, overlap))
+    return max(hr_coord(a1, lr_len, hr_len) - hr_coord(a0, lr_len, hr_len) for a0, a1 in spans)
+
+
 def estimate_tiled_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *,
-                              tile: int, batch: int = 1) -> int:
-    """Estimated peak memory (bytes) of `tiled_super_resolve` with square `tile`-px LR tiles:
-    one tile's run, plus the whole-image buffers the tiling holds (x_T, the weighted sum,
-    the weight sum, the result and their transient copies: measured ~16 float32 values
-    per output pixel at batch 1, 512 -> 2048 px)."""
-    (h, w), (height, width) = lr_size, size
-    tile_size = (hr_coord(min(tile, h), h, height), hr_coord(min(tile, w), w, width))
+                              tile: int, overlap: int = 0, context: int = 0, batch: int = 1) -> int:
+    """Estimated peak memory (bytes) of `tiled_super_resolve` with square `tile`-px LR tiles,
+    `overlap` LR px and `context` HR px: one tile's run on the largest network input of
+    the plan (`input_span`, aligned to the UNet's coarsest grid), plus the whole-image
+    buffers the tiling holds (x_T, the weighted sum, the weight sum, the result and their
+    transient copies: measured ~16 float32 values per output pixel at batch 1, 512 -> 2048 px)."""
+    (h, w), (height, width), align = lr_size, size, unet_stride(cfg)
+    tile_size = (largest_input(h, height, tile=tile, overlap=overlap, context=context, align=align),
+                 largest_input(w, width, tile=tile, overlap=overlap, context=context, align=align))
     return estimate_peak_bytes(cfg, tile_size, batch=batch) + 4 * 16 * batch * height * width
 
 
 def choose_tile(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *,
-                max_bytes: int, overlap: int, batch: int = 1) -> int | None:
-    """The largest square LR tile side whose tiled run fits in `max_bytes`; None if the
-    whole image fits untiled. Raises ValueError if not even a tile of overlap + 1 px fits.
+                max_bytes: int, overlap: int, context: int = 0, batch: int = 1) -> int | None:
+    """The largest square LR tile side whose tiled run (with `context` HR px) fits in
+    `max_bytes`; None if the whole image fits untiled. Raises ValueError if not even a
+    tile of overlap + 1 px fits.
 
-    The largest tile wastes least work on overlaps, but attention costs grow with the
-    square of a tile's pixels, so a smaller tile can be faster at large sizes.
+    The largest tile wastes least work on overlaps and context, but attention costs grow
+    with the square of a tile's pixels, so a smaller tile can be faster at large sizes.
     """
     if estimate_peak_bytes(cfg, size, batch=batch) <= max_bytes:
         return None
     for tile in range(max(lr_size) - 1, overlap, -1):
-        if estimate_tiled_peak_bytes(cfg, lr_size, size, tile=tile, batch=batch) <= max_bytes:
+        if estimate_tiled_peak_bytes(cfg, lr_size, size, tile=tile, overlap=overlap, context=context,
+                                     batch=batch) <= max_bytes:
             return tile
     raise ValueError(f"no tile larger than the overlap ({overlap} px) fits in "
                      f"{max_bytes / 2**30:.2f} GiB for a {size[0]}x{size[1]} output")

@@ -58,7 +58,7 @@ def load_method(args: argparse.Namespace):
     max_bytes = None if args.no_tiling else int(args.max_memory_gb * 2**30)
     method = DiffusionSR.from_checkpoint(path, steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
                                          temperature=args.temperature, device=str(resolve_device(args.device)),
-                                         max_bytes=max_bytes)
+                                         max_bytes=max_bytes, overlap=SAMPLE.tile_overlap, context=SAMPLE.tile_context)
     if args.int8:
         from pipeline.mlflow_model import int8_beside
 

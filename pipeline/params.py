@@ -126,6 +126,7 @@ class SampleParams:
     temperature: float = 0.5  # scale of the initial noise: 1 samples the model, < 1 favours PSNR over texture
     max_memory_gb: float = 4.0  # outputs whose untiled run would need more are made tile by tile
     tile_overlap: int = 8  # LR pixels shared by neighbouring tiles
+    tile_context: int = 32  # HR pixels of extra input around each tile (idm.tiling.input_span)
 
     @property
     def max_bytes(self) -> int:
@@ -134,11 +135,13 @@ class SampleParams:
     def method_options(self) -> dict[str, Any]:
         """These settings as keyword arguments of idm.methods.DiffusionSR.from_checkpoint."""
         return dict(steps=self.steps, sampler=self.sampler, eta=self.eta, seed=self.seed,
-                    temperature=self.temperature, max_bytes=self.max_bytes, overlap=self.tile_overlap)
+                    temperature=self.temperature, max_bytes=self.max_bytes, overlap=self.tile_overlap,
+                    context=self.tile_context)
 
     def __post_init__(self) -> None:
         _check(self.max_memory_gb > 0, "sample.max_memory_gb", f"a number > 0, got {self.max_memory_gb}")
         _check(self.tile_overlap >= 0, "sample.tile_overlap", f"an integer >= 0, got {self.tile_overlap}")
+        _check(self.tile_context >= 0, "sample.tile_context", f"an integer >= 0, got {self.tile_context}")
         _check(self.sampler in SAMPLERS, "sample.sampler", f"one of {sorted(SAMPLERS)}, got {self.sampler!r}")
         _check(self.steps >= 1, "sample.steps", f"an integer >= 1, got {self.steps}")
         _check(math.isfinite(self.eta) and self.eta >= 0, "sample.eta", f"a number >= 0, got {self.eta}")

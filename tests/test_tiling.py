@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from idm.config import MODEL_PRESETS
 from idm.diffusion import make_schedule, training_loss
@@ -14,7 +15,7 @@ from idm.resize import resize
 from idm.sampling import sample_ddim, spaced_timesteps, super_resolve
 from idm.targets import decode, encode
 from idm.tiling import (check_memory, choose_tile, estimate_peak_bytes, estimate_tiled_peak_bytes, hr_coord,
-                        plan_axis, tile_starts, tiled_apply, tiled_super_resolve)
+                        input_span, plan_axis, tile_starts, tiled_apply, tiled_super_resolve)
 from tests.helpers import photo
 
 TINY = MODEL_PRESETS["tiny"]
@@ -76,6 +77,67 @@ def test_tiled_diffusion_matches_untiled_within_0_05_db(trained_tiny) -> None:
     edges = [s.hr0 for s in plan_axis(64, 192, 40, 16)[1:]] + [s.hr1 for s in plan_axis(64, 192, 40, 16)[:-1]]
     step = (tiled[..., 1:] - tiled[..., :-1]).abs().mean(dim=(0, 1, 2))
     assert step[[e - 1 for e in edges]].mean() <= 1.5 * step.mean()
+
+
+def _local_strided_net(seed: int = 0):
+    """A network with everything of the UNet but its global operations: a 3x3 conv on
+    the LR image, a resize to the target size, an average over a stride-2 grid and a
+    nearest up-sampling back. Its output at a pixel depends on a few LR pixels around
+    it, on the phase of the stride-2 grid, and on the exact LR->HR scale."""
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(conv.weight, std=0.3)
+
+    @torch.no_grad()
+    def net(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        coarse = F.avg_pool2d(resize(conv(lr), size), 2, ceil_mode=True)
+        return F.interpolate(coarse, scale_factor=2, mode="nearest")[..., :size[0], :size[1]]
+
+    return net
+
+
+@pytest.mark.parametrize("lr_size, size", [((30, 44), (90, 132)), ((30, 44), (75, 110)), ((28, 28), (98, 98))])
+def test_context_and_alignment_make_a_local_network_exact(lr_size, size) -> None:
+    """x3, x2.5 and x3.5: with context beyond the receptive field and tiles aligned to the
+    whole image's grids, tiling a network without global operations changes nothing."""
+    net, lr = _local_strided_net(), _image(*lr_size)
+    whole = net(lr, size)
+    exact = tiled_apply(net, lr, size, tile=16, overlap=3, context=12, align=2)
+    torch.testing.assert_close(exact, whole, atol=1e-5, rtol=0)
+
+
+def test_without_context_or_alignment_tiles_differ() -> None:
+    """x3 from 30 x 44 px, tiles starting at LR 3 / 5 px after context: HR 9 / 15, odd,
+    so without alignment the stride-2 grid is out of phase; without context the conv
+    and resize see zero / replicated padding at inner tile edges."""
+    net, lr, size = _local_strided_net(), _image(30, 44), (90, 132)
+    whole = net(lr, size)
+    no_context = tiled_apply(net, lr, size, tile=16, overlap=3, context=0, align=2)
+    no_align = tiled_apply(net, lr, size, tile=16, overlap=3, context=12, align=1)
+    assert (no_context - whole).abs().max() > 1e-2
+    assert (no_align - whole).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("lr_len, hr_len, tile, overlap, context, align",
+                         [(76, 190, 32, 8, 16, 4), (96, 192, 32, 8, 0, 4), (100, 370, 24, 8, 8, 16),
+                          (97, 211, 20, 4, 4, 4), (64, 64, 16, 4, 0, 2)])
+def test_input_span_covers_the_tile_and_lands_on_the_grids(lr_len, hr_len, tile, overlap, context, align) -> None:
+    for span in plan_axis(lr_len, hr_len, tile, overlap):
+        a0, a1 = input_span(span, lr_len, hr_len, context=context, align=align)
+        slack = (span.lr1 - span.lr0) // 4
+        assert max(span.lr0 - context, 0) - slack <= a0 <= max(span.lr0 - context, 0)
+        assert min(span.lr1 + context, lr_len) <= a1 <= min(span.lr1 + context + slack, lr_len)
+        if (a0 * hr_len) % lr_len == 0 and (a1 * hr_len) % lr_len == 0:  # exact: the tile's scale is H / h
+            assert (a1 - a0) * hr_len % lr_len == 0 and (a0 * hr_len // lr_len) % align == 0
+    # x2.5 from 76 px: every even LR pixel has an exact HR position, every 8th a multiple of 4
+    assert [input_span(s, 76, 190, context=16, align=4) for s in plan_axis(76, 190, 32, 8)] == \
+        [(0, 48), (0, 70), (24, 76)]
+
+
+def test_bad_context_or_align_raises() -> None:
+    for bad in ({"context": -1}, {"context": 2.0}, {"align": 0}, {"align": True}):
+        with pytest.raises(ValueError, match="context|align"):
+            tiled_apply(resize, torch.rand(1, 3, 20, 20), (40, 40), tile=8, overlap=2, **bad)
 
 
 def test_noise_crops_line_up_with_the_whole_image() -> None:
@@ -142,9 +204,12 @@ def test_exceeding_the_memory_bound_untiled_raises() -> None:
 def test_choose_tile_fits_the_bound() -> None:
     bound = 2 * 2**30
     assert choose_tile(TINY, (32, 32), (128, 128), max_bytes=bound, overlap=8) is None
-    tile = choose_tile(TINY, (512, 512), (2048, 2048), max_bytes=bound, overlap=16)
+    tile = choose_tile(TINY, (512, 512), (2048, 2048), max_bytes=bound, overlap=16, context=32)
     assert tile is not None and 16 < tile < 512
-    fits = estimate_tiled_peak_bytes(TINY, (512, 512), (2048, 2048), tile=tile)
-    assert fits <= bound < estimate_tiled_peak_bytes(TINY, (512, 512), (2048, 2048), tile=tile + 1)
+    fits = estimate_tiled_peak_bytes(TINY, (512, 512), (2048, 2048), tile=tile, overlap=16, context=32)
+    assert fits <= bound < estimate_tiled_peak_bytes(TINY, (512, 512), (2048, 2048), tile=tile + 1, overlap=16,
+                                                     context=32)
+    # the context is part of every tile's input, so it costs memory: a smaller tile without it
+    assert choose_tile(TINY, (512, 512), (2048, 2048), max_bytes=bound, overlap=16) > tile
     with pytest.raises(ValueError, match="no tile"):
         choose_tile(TINY, (512, 512), (2048, 2048), max_bytes=2**20, overlap=16)
