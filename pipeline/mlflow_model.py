@@ -37,7 +37,8 @@ SIGNATURE = ModelSignature(
 class IDMPyfunc(mlflow.pyfunc.PythonModel):
     """predict(lr (h, w, 3) uint8, params={"scale", "steps", "seed", "temperature"}) -> (H, W, 3) uint8.
 
-    Defaults are the pipeline's sampling defaults (pipeline.params.SampleParams).
+    Defaults are the pipeline's sampling defaults (pipeline.params.SampleParams), including
+    its memory bound: larger outputs are made tile by tile, as in `idm upscale`.
     """
 
     def load_context(self, context: Any) -> None:
@@ -46,8 +47,8 @@ class IDMPyfunc(mlflow.pyfunc.PythonModel):
 
         self.checkpoint = context.artifacts[CHECKPOINT_ARTIFACT]
         self.int8 = context.artifacts.get(INT8_ARTIFACT)
-        self.method = DiffusionSR.from_checkpoint(self.checkpoint, steps=SAMPLE.steps, seed=SAMPLE.seed,
-                                                  temperature=SAMPLE.temperature)
+        # params.yaml's sampler, and its memory bound: outputs beyond it are made tile by tile
+        self.method = DiffusionSR.from_checkpoint(self.checkpoint, **SAMPLE.method_options())
         if self.int8:
             self.method.use_int8(self.int8)
 

@@ -12,7 +12,7 @@ from idm.config import DiffusionConfig, ModelConfig
 from idm.methods import DiffusionSR
 from idm.train import TrainConfig, fit
 from pipeline import tracking
-from pipeline.mlflow_model import log_and_register
+from pipeline.mlflow_model import SAMPLE, log_and_register
 from tests.helpers import photo
 
 TINY = ModelConfig(encoder_blocks=1, encoder_channels=8, base_channels=8, channel_mults=(1, 2), res_blocks=1,
@@ -44,6 +44,9 @@ def test_pyfunc_predicts_what_diffusion_sr_gives(registered, monkeypatch: pytest
     again = model.predict(lr, params={"scale": 2.5, "steps": 3, "seed": 4, "temperature": 1.0})
     other_seed = model.predict(lr, params={"scale": 2.5, "steps": 3, "seed": 5, "temperature": 1.0})
     assert loads == []  # the model was loaded once, in load_context
+    method = model.unwrap_python_model().method  # params.yaml's memory bound and tiling
+    assert (method.max_bytes, method.overlap, method.context) == (SAMPLE.max_bytes, SAMPLE.tile_overlap,
+                                                                  SAMPLE.tile_context)
     assert out.shape == (25, 30, 3) and out.dtype == np.uint8
     monkeypatch.undo()
     reference = DiffusionSR.from_checkpoint(ckpt, steps=3, seed=4, temperature=1.0)(lr, (25, 30))
