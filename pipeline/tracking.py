@@ -11,6 +11,10 @@ for up to STORE_WAIT_SECONDS instead of MLflow's own retries (minutes). If the s
 after the work started, the stage fails the same way; its outputs are written atomically
 and a training run keeps its checkpoint, so the next run resumes instead of starting over.
 
+A stage killed outright (SIGKILL, power loss) cannot end its MLflow run, which would stay
+RUNNING forever. Every run is tagged with the host and process that started it, and
+`stage_run` first marks as KILLED the RUNNING runs of this host whose process is gone.
+
 Params and tags pass through `redact` before they are logged: a password or token inside
 a URL (user:password@, ?token=..., ?X-Amz-Signature=...) never reaches the store, and
 messages show store URIs without their password.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import time
 import urllib.error
@@ -132,13 +137,45 @@ def setup() -> str:
                                   f"nothing was done: {hint}") from None
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def close_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark as KILLED the RUNNING runs started on this host by a process that no longer
+    exists (a stage killed before it could end its run); returns their run ids.
+
+    Runs from other hosts, and runs without the host/pid tags, are left alone.
+    """
+    import mlflow
+
+    client, host = mlflow.MlflowClient(), socket.gethostname()
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'")
+    closed = []
+    for run in runs:
+        pid = run.data.tags.get("pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            client.set_tag(run.info.run_id, "ended_by", f"stage_run: process {pid} on {host} no longer exists")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 @contextmanager
 def stage_run(stage: str, *, tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> Iterator[Any]:
     """Start an MLflow run for one execution of DVC stage `stage`, tagged and with params (both redacted)."""
     import mlflow
 
     experiment_id = setup()
-    all_tags = {"dvc_stage": stage, "git_commit": git_commit(), "pipeline_run": pipeline_run_id(), **(tags or {})}
+    close_abandoned_runs(experiment_id)
+    all_tags = {"dvc_stage": stage, "git_commit": git_commit(), "pipeline_run": pipeline_run_id(),
+                "host": socket.gethostname(), "pid": str(os.getpid()), **(tags or {})}
     all_tags = {k: redact(v) for k, v in all_tags.items()}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{stage}-{all_tags.get('method', '')}".rstrip("-"), tags=all_tags) as run:
         if params:

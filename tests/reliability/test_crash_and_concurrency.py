@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ import torch
 from idm.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
 from idm.models import IDM
 from pipeline.params import load
+from tests.helpers import stage_store_runs
 from tests.reliability.harness import dvc, dvc_project, kill_group, leftovers, start_dvc, wait_for
 
 pytestmark = pytest.mark.reliability
@@ -66,6 +68,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert first.returncode == 0, first.stdout + first.stderr
 
     _plant_other_config(project)
+    started = int(time.time() * 1000)
     s["out2"] = _killed(project, {"kind": "pause-after-save", "step": 3, "marker": str(tmp / "m2")})
     s["step2"] = load_checkpoint(models / "checkpoint.pt")["step"]
     s["old2"] = load_checkpoint(models / "checkpoint.pt.old")["model_config"]
@@ -80,6 +83,8 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> dict:
     s["step3"] = load_checkpoint(models / "checkpoint.pt")["step"]
 
     s["run4"] = dvc(project, "repro", fault={"kind": "fail-register"})
+    s["train_runs4"] = [(r.info.status, r.data.tags.get("ended_by", "")) for r in reversed(
+        stage_store_runs(f"tags.dvc_stage = 'train' and attributes.start_time >= {started}"))]
     s["resumed"] = load_checkpoint(models / "checkpoint.pt")
     s["registered4"] = (models / "registered.json").exists()
     s["leftovers4"] = leftovers(models)
@@ -120,6 +125,13 @@ def test_kill_after_a_checkpoint_leaves_it_whole_and_another_config_is_set_aside
     assert "starting afresh" in story["out2"] and "differs in" in story["out2"], story["out2"]
     assert story["old2"]["base_channels"] == 16, "the other configuration's checkpoint is kept as checkpoint.pt.old"
     assert story["step2"] == 3
+
+
+def test_the_mlflow_runs_of_killed_stages_are_closed_as_killed_by_the_next_stage(story):
+    """SIGKILL leaves a run RUNNING; the next stage's stage_run marks it KILLED, saying why."""
+    (status2, why2), (status3, why3), (status4, _) = story["train_runs4"]
+    assert (status2, status3) == ("KILLED", "KILLED") and "no longer exists" in why2 and "no longer exists" in why3
+    assert status4 == "FAILED"  # run 4 itself failed to register (an exception ends its run)
 
 
 def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(story):
