@@ -2,17 +2,37 @@
 
 What is quantized: every convolution of the UNet, the part that runs at every
 denoising step, with int8 weights (per output channel, symmetric) and int8
-activations (per tensor, affine, ranges fixed by calibration) — except the UNet's first
-and last convolutions (`FLOAT_CONVS`), which keep float32 compute, as Q-Diffusion and
-PTQ4DM do: the last one writes the denoiser's output, where an int8 step (1/256 of the
-output's range) showed as a 0.4-1.2 dB loss on smooth images already near 50 dB PSNR,
-and both are cheap (3 output or 6 input channels). The LR encoder and the
-condition pyramid run once per image and keep float32 compute; the few Linear layers
-of the noise and scale embeddings (<0.1% of the FLOPs) stay float32 as well. Their
-weights, like every other float weight matrix, are *stored* in int8 (per output
-channel, weight-only) and expanded to float32 on load, so the file is ~4x smaller
-than the float32 model; `quantize_denoiser` applies the same rounding in memory, so
-a saved and reloaded model computes exactly what the in-memory one does.
+activations (per tensor, affine, ranges fixed by calibration) — except the few that
+`float_convs` names, which keep float32 compute (mixed precision, as Q-Diffusion and
+PTQ4DM keep the first and last layers):
+- the UNet's first and last convolutions (`FLOAT_CONVS`): the last one writes the
+  denoiser's output, where an int8 step (1/256 of the output's range) showed as a
+  0.4-1.2 dB loss on smooth images already near 50 dB PSNR; both are cheap (3 output
+  or 6 input channels);
+- the convolutions that write the full-resolution decoder's residual stream: `conv2`
+  and the 1x1 `skip` of every decoder ResBlock at level 0 (and `attn.out` if level 0
+  has attention). An eager int8 conv re-quantizes its *output* to 8 bits per tensor;
+  these outputs add up, at full resolution, to the map conv_out reads through only
+  GroupNorm and SiLU, so no later layer averages the rounding away, and that map is
+  wide (-18 to +21 for the default model: an 8-bit step of 0.15). Measured on the
+  default pipeline's held-out photos (DDIM 5 steps, temperature 0.5): with them in
+  int8 the smooth `retina` photo (fp32 49-54 dB) lost 0.86 / 0.40 / 0.19 / 0.13 dB at
+  x2 / x2.5 / x3 / x4, textured photos <= 0.02 dB. Keeping one conv float32 at a time,
+  the last block's conv2 and skip stood out (+0.8-1.0 and +1.6-2.8 dB of int8-vs-
+  float32 output PSNR; every other conv <= +0.2 dB), and fake-quantizing only their
+  outputs reproduced the loss (their inputs alone cost ~1 dB of the 3.6). With level 0's residual
+  writers float32 the int8-vs-float32 output PSNR rose from 54.6 to 58.9 dB (mean of
+  12 photo x scale pairs) and every photo is within 0.01 dB of float32 or above it
+  (retina +0.05 to +0.11 dB), for a few % of the paper preset's int8 speed-up (they
+  are 6 of its 98 convs). Better activation ranges were no substitute: calibrating
+  on the test photo itself, or with min/max ranges, still lost 0.7 / 1.3 dB at x2.
+The LR encoder and the condition pyramid run once per image and keep float32
+compute; the few Linear layers of the noise and scale embeddings (<0.1% of the FLOPs)
+stay float32 as well. Their weights, like every other float weight matrix, are
+*stored* in int8 (per output channel, weight-only) and expanded to float32 on load, so
+the file is ~4x smaller than the float32 model; `quantize_denoiser` applies the same
+rounding in memory, so a saved and reloaded model computes exactly what the in-memory
+one does.
 
 Calibration follows Q-Diffusion / PTQ4DM: activation ranges must cover the inputs the
 denoiser sees at *every* timestep, so the float32 sampler is run on a few calibration
@@ -35,9 +55,11 @@ So this module uses the eager path despite its deprecation warnings; it should m
 to PT2E once Inductor's int8 graphs win here and compile for dynamic shapes.
 
 File format: `torch.save` of plain data, loadable with `torch.load(weights_only=True)`:
-{"format", "model_config": asdict(ModelConfig), "reduce_range": bool, "state": the
-state dict without the float weight matrices, "int8_weights": {name: {"q": int8,
-"scale": (C_out,) float32}}}.
+{"format", "model_config": asdict(ModelConfig), "reduce_range": bool, "float_convs":
+[names below the UNet of the convs with float32 compute], "state": the state dict
+without the float weight matrices, "int8_weights": {name: {"q": int8, "scale": (C_out,)
+float32}}}. The file lists its float convs, so it loads the same whatever rule
+`float_convs` follows later.
 """
 
 from __future__ import annotations
@@ -57,10 +79,11 @@ from idm.config import ModelConfig
 from idm.io import atomic_path
 from idm.diffusion import Schedule
 from idm.models import IDM
+from idm.models.layers import SelfAttention
 from idm.sampling import Sampler, sample_ddim
 
-FORMAT = "idm-int8/2"  # /1 also quantized FLOAT_CONVS
-FLOAT_CONVS = ("conv_in", "conv_out")  # attributes of the UNet that keep float32 compute
+FORMAT = "idm-int8/3"  # /2: only FLOAT_CONVS float32, no "float_convs" key; /1: every conv int8
+FLOAT_CONVS = ("conv_in", "conv_out")  # attributes of the UNet that always keep float32 compute
 ENGINE = "x86"
 
 with warnings.catch_warnings():  # torch.ao announces its move to torchao on import
@@ -104,21 +127,44 @@ def _qconfig(reduce_range: bool) -> Any:
                       weight=tq.default_per_channel_weight_observer)
 
 
-def _convs(module: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d]]:
-    """(parent, attribute name, conv) for every Conv2d below `module`."""
-    return [(parent, name, child) for parent in module.modules()
-            for name, child in parent.named_children() if isinstance(child, nn.Conv2d)]
+def float_convs(unet: nn.Module) -> list[str]:
+    """Names (as in unet.named_modules()) of the UNet convs that keep float32 compute.
+
+    FLOAT_CONVS, plus the convs that write the full-resolution decoder's residual
+    stream: conv2 and skip (when it is a conv) of every decoder stage at level 0 (the
+    last res_blocks + 1 of `unet.up`), and attn.out when those stages have attention.
+    Their outputs add up, at full resolution, to the map conv_out reads; int8 rounding
+    there goes straight to the output (see the module docstring for the measurements).
+    """
+    names = list(FLOAT_CONVS)
+    first = len(unet.up) - (unet.res_blocks + 1)
+    for i in range(first, len(unet.up)):
+        stage = unet.up[i]
+        names.append(f"up.{i}.res.conv2")
+        if isinstance(stage.res.skip, nn.Conv2d):
+            names.append(f"up.{i}.res.skip")
+        if isinstance(stage.attn, SelfAttention):
+            names.append(f"up.{i}.attn.out")
+    return names
 
 
-def _int8_convs(unet: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d]]:
-    """The convs of the UNet that run in int8: all but FLOAT_CONVS."""
-    return [(parent, name, conv) for parent, name, conv in _convs(unet)
-            if not (parent is unet and name in FLOAT_CONVS)]
+def _int8_convs(unet: nn.Module, keep_float: Sequence[str]) -> list[tuple[nn.Module, str, nn.Conv2d]]:
+    """(parent, attribute name, conv) for every Conv2d of the UNet not named in keep_float."""
+    convs = {name: m for name, m in unet.named_modules() if isinstance(m, nn.Conv2d)}
+    unknown = sorted(set(keep_float) - set(convs))
+    if unknown:
+        raise ValueError(f"not convolutions of the UNet: {unknown}")
+    out = []
+    for name, conv in convs.items():
+        if name not in keep_float:
+            parent, _, attr = name.rpartition(".")
+            out.append((unet.get_submodule(parent), attr, conv))
+    return out
 
 
-def _wrap_convs(unet: nn.Module, reduce_range: bool) -> None:
+def _wrap_convs(unet: nn.Module, reduce_range: bool, keep_float: Sequence[str]) -> None:
     """Put every int8 conv between a QuantStub and a DeQuantStub (float in, float out)."""
-    for parent, name, conv in _int8_convs(unet):
+    for parent, name, conv in _int8_convs(unet, keep_float):
         wrapper = tq.QuantWrapper(conv)
         wrapper.qconfig = _qconfig(reduce_range)
         setattr(parent, name, wrapper)
@@ -127,6 +173,11 @@ def _wrap_convs(unet: nn.Module, reduce_range: bool) -> None:
 def is_quantized(model: nn.Module) -> bool:
     """True if `model` holds int8 modules made by this module."""
     return any(isinstance(m, nnq.Conv2d) for m in model.modules())
+
+
+def _float_conv_names(unet: nn.Module) -> list[str]:
+    """Names of the convs of a quantized UNet that compute in float32."""
+    return [name for name, m in unet.named_modules() if type(m) is nn.Conv2d]
 
 
 @torch.no_grad()
@@ -146,7 +197,7 @@ def calibrate(model: nn.Module, calibration: Sequence[tuple[Tensor, tuple[int, i
 def quantize_denoiser(model: IDM, calibration: Sequence[tuple[Tensor, tuple[int, int]]], *,
                       schedule: Schedule, timesteps: Sequence[int], sampler: Sampler = sample_ddim,
                       eta: float = 0.0, temperature: float = 1.0, generator: torch.Generator | None = None,
-                      reduce_range: bool | None = None) -> IDM:
+                      reduce_range: bool | None = None, keep_float: Sequence[str] | None = None) -> IDM:
     """An int8 copy of `model` whose UNet convolutions run in int8; `model` is untouched.
 
     calibration: (lr (B, 3, h, w) in [-1, 1], target size (H, W)) pairs; a handful of
@@ -155,15 +206,17 @@ def quantize_denoiser(model: IDM, calibration: Sequence[tuple[Tensor, tuple[int,
     observers record activation ranges.
     The result has the same `condition` / `forward` as IDM and works with every sampler
     (on CPU; int8 kernels exist for the x86 engine only). reduce_range: 7-bit
-    activations; default: only on CPUs without VNNI (`has_vnni`).
+    activations; default: only on CPUs without VNNI (`has_vnni`). keep_float: names
+    of the UNet convs that keep float32 compute; default `float_convs(model.unet)`.
     """
     if not calibration:
         raise ValueError("calibration must hold at least one (lr, size) pair")
     _use_engine()
     reduce_range = not has_vnni() if reduce_range is None else reduce_range
     quantized = copy.deepcopy(model).cpu().eval()
+    keep_float = float_convs(quantized.unet) if keep_float is None else list(keep_float)
     with _quiet():
-        _wrap_convs(quantized.unet, reduce_range)
+        _wrap_convs(quantized.unet, reduce_range, keep_float)
         tq.prepare(quantized.unet, inplace=True)
         calibrate(quantized, calibration, schedule=schedule, timesteps=timesteps, sampler=sampler,
                   eta=eta, temperature=temperature, generator=generator)
@@ -173,11 +226,11 @@ def quantize_denoiser(model: IDM, calibration: Sequence[tuple[Tensor, tuple[int,
     return quantized
 
 
-def _empty_int8(cfg: ModelConfig) -> IDM:
+def _empty_int8(cfg: ModelConfig, keep_float: Sequence[str]) -> IDM:
     """An IDM with the int8 module structure of `quantize_denoiser`, weights unset."""
     model = IDM(cfg).eval()
     with _quiet():
-        for parent, name, conv in _int8_convs(model.unet):
+        for parent, name, conv in _int8_convs(model.unet, keep_float):
             int8 = nnq.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                               padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                               bias=conv.bias is not None)
@@ -221,6 +274,7 @@ def save_quantized(model: IDM, path: str | os.PathLike) -> None:
         state = model.state_dict()
         blob = {"format": FORMAT, "model_config": dataclasses.asdict(model.cfg),
                 "reduce_range": bool(getattr(model, "reduce_range", True)),
+                "float_convs": _float_conv_names(model.unet),
                 "state": {k: v for k, v in state.items() if not _is_float_matrix(v)},
                 "int8_weights": {k: _pack(v) for k, v in state.items() if _is_float_matrix(v)}}
         with open(tmp, "wb") as f:  # a file object: torch.save would name the archive after the random tmp name
@@ -235,7 +289,7 @@ def load_quantized(path: str | os.PathLike) -> IDM:
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
             raise ValueError(f"{path}: not an int8 IDM file of format {FORMAT!r} (format: {found!r})")
-        model = _empty_int8(ModelConfig(**blob["model_config"]))
+        model = _empty_int8(ModelConfig(**blob["model_config"]), blob["float_convs"])
         state = dict(blob["state"], **{k: _unpack(v) for k, v in blob["int8_weights"].items()})
         model.load_state_dict(state)
     model.reduce_range = blob["reduce_range"]
