@@ -1,7 +1,8 @@
 """Ancestral sampling with all T steps vs DDIM with few steps: PSNR and time.
 
 Usage: python -m bench.sampling_steps [CHECKPOINT] [--folder ../shared/datasets/Set5]
-           [--scale 4] [--crop 128] [--steps 5 10 20 50 100] [--no-ddpm] [--threads 2]
+           [--scale 4] [--crop 128] [--steps 5 10 20 50 100] [--spacings uniform quadratic]
+           [--no-ddpm] [--threads 2]
 
 CHECKPOINT (default models/idm/checkpoint.pt) is a training checkpoint
 (idm.checkpoint); its EMA weights, noise schedule and diffusion target are used. Each
@@ -34,7 +35,7 @@ from idm.diffusion import Schedule, make_schedule  # noqa: E402
 from idm.io import list_images, read_image  # noqa: E402
 from idm.models import IDM  # noqa: E402
 from idm.resize import resize_uint8  # noqa: E402
-from idm.sampling import Sampler, sample_ddim, sample_ddpm, spaced_timesteps, super_resolve  # noqa: E402
+from idm.sampling import SPACINGS, Sampler, sample_ddim, sample_ddpm, spaced_timesteps, super_resolve  # noqa: E402
 from idm.targets import decode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,21 +115,24 @@ def main() -> None:
     parser.add_argument("--no-ddpm", action="store_true", help="skip ancestral sampling with all T steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=1.0, help="scale of the initial noise (params sample.temperature)")
+    parser.add_argument("--spacings", nargs="+", default=["uniform"], choices=list(SPACINGS),
+                        help="step spacings to compare for DDIM (params sample.spacing)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {load_average()}")
     net = dataclasses.replace(load_trained(args.checkpoint), temperature=args.temperature)
     pairs = test_pairs(args.folder, args.scale, args.crop)
     total = net.schedule.timesteps
-    runs = [] if args.no_ddpm else [("ancestral (DDPM)", total, sample_ddpm)]
-    runs += [("DDIM eta=0", n, sample_ddim) for n in args.steps if n <= total]
+    runs = [] if args.no_ddpm else [("ancestral (DDPM)", total, sample_ddpm, "uniform")]
+    runs += [(f"DDIM eta=0, {spacing}", n, sample_ddim, spacing) for spacing in args.spacings
+             for n in args.steps if n <= total]
     rows = ["| sampler | steps | PSNR-Y (dB) | s/image | speed-up vs ancestral |", "|---|---|---|---|---|"]
     bicubic = np.mean([metrics.psnr(resize_uint8(lr, hr.shape[:2]), hr, border=metrics.border_for(args.scale),
                                     y_channel=True) for hr, lr in pairs])
     rows.append(f"| bicubic | - | {bicubic:.2f} | - | - |")
     first = None
-    for name, n, sampler in runs:
-        psnr, seconds = evaluate(net, net.model, pairs, spaced_timesteps(total, n), sampler, args.scale)
+    for name, n, sampler, spacing in runs:
+        psnr, seconds = evaluate(net, net.model, pairs, spaced_timesteps(total, n, spacing), sampler, args.scale)
         first = first or seconds
         rows.append(f"| {name} | {n} | {psnr:.2f} | {seconds:.2f} | {first / seconds:.1f}x |")
         print(rows[-1], flush=True)

@@ -83,7 +83,8 @@ class DiffusionSR:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, steps: int, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
                         device: torch.device | str = "cpu", name: str = "idm", max_bytes: int | None = None,
-                        overlap: int = 8, context: int = 32, temperature: float = 1.0) -> DiffusionSR:
+                        overlap: int = 8, context: int = 32, temperature: float = 1.0,
+                        spacing: str = "uniform") -> DiffusionSR:
         """Rebuild the EMA model a checkpoint describes, with its own schedule and target."""
         ckpt = load_checkpoint(path)
         diffusion = DiffusionConfig(**ckpt["diffusion_config"])
@@ -91,7 +92,7 @@ class DiffusionSR:
         schedule = make_schedule(diffusion.schedule, diffusion.timesteps,
                                  beta_start=diffusion.beta_start, beta_end=diffusion.beta_end)
         return cls(build_model(ckpt, use_ema=True), schedule=schedule,
-                   timesteps=spaced_timesteps(diffusion.timesteps, min(steps, diffusion.timesteps)),
+                   timesteps=spaced_timesteps(diffusion.timesteps, min(steps, diffusion.timesteps), spacing),
                    sampler=sampler, eta=eta, target=train["target"], residual_scale=train["residual_scale"],
                    clip_x0=diffusion.clip_x0, seed=seed, device=device, name=name, max_bytes=max_bytes,
                    overlap=overlap, context=context, temperature=temperature)

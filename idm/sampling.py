@@ -23,11 +23,28 @@ Sampler = Callable[..., Tensor]
 Decoder = Callable[[Tensor, Tensor, Condition], Tensor]  # (x_0, lr, cond) -> image
 
 
-def spaced_timesteps(total: int, steps: int) -> list[int]:
-    """`steps` evenly spaced steps of 1..total, descending, always starting at `total`."""
+SPACINGS = ("uniform", "quadratic")
+
+
+def spaced_timesteps(total: int, steps: int, spacing: str = "uniform") -> list[int]:
+    """`steps` distinct steps of 1..total, descending, always starting at `total`.
+
+    "uniform": evenly spaced, total * (1 - i / steps). "quadratic": total * (1 - i / steps)^2,
+    so the steps crowd together at low noise, where the image's fine detail is decided
+    (DDIM's "quad" spacing, Song et al. 2021, sec. D.2); where rounding would repeat a
+    step, the next lower free step is taken.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {list(SPACINGS)}")
     if not 1 <= steps <= total:
         raise ValueError(f"steps must be in [1, {total}], got {steps}")
-    return sorted({round(total - i * total / steps) for i in range(steps)}, reverse=True)
+    if spacing == "uniform":
+        chosen = [round(total - i * total / steps) for i in range(steps)]
+    else:
+        chosen = [round(total * ((steps - i) / steps) ** 2) for i in range(steps)]
+    for i in range(1, steps):  # strictly descending; never below steps - i (room for the rest)
+        chosen[i] = max(min(chosen[i], chosen[i - 1] - 1), steps - i)
+    return chosen
 
 
 def _pairs(timesteps: Sequence[int], schedule: Schedule) -> list[tuple[float, float]]:

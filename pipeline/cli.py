@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from idm.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, write_image
 from idm.resize import check_scale, target_size
+from idm.sampling import SPACINGS
 from pipeline.params import SampleParams
 
 DEFAULT_MODEL = "models:/idm@champion"
@@ -56,7 +57,8 @@ def load_method(args: argparse.Namespace):
     elif not path.is_file():
         raise FileNotFoundError(f"{path}: no such model checkpoint (give a .pt path or a models:/ URI)")
     max_bytes = None if args.no_tiling else int(args.max_memory_gb * 2**30)
-    method = DiffusionSR.from_checkpoint(path, steps=args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
+    method = DiffusionSR.from_checkpoint(path, steps=args.steps, spacing=args.spacing, sampler=args.sampler,
+                                         eta=args.eta, seed=args.seed,
                                          temperature=args.temperature, device=str(resolve_device(args.device)),
                                          max_bytes=max_bytes, overlap=SAMPLE.tile_overlap, context=SAMPLE.tile_context)
     if args.int8:
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint path or MLflow model URI (default {DEFAULT_MODEL})")
     up.add_argument("--steps", type=int, default=SAMPLE.steps, help=f"denoising steps (default {SAMPLE.steps})")
     up.add_argument("--sampler", default=SAMPLE.sampler, choices=["ddim", "ddpm"])
+    up.add_argument("--spacing", default=SAMPLE.spacing, choices=list(SPACINGS),
+                    help=f"how the steps spread over the noise schedule (default {SAMPLE.spacing})")
     up.add_argument("--eta", type=float, default=SAMPLE.eta)
     up.add_argument("--temperature", type=float, default=SAMPLE.temperature,
                     help=f"scale of the initial noise, 0-1: lower favours PSNR over detail (default {SAMPLE.temperature})")

@@ -60,7 +60,7 @@ class IDMPyfunc(mlflow.pyfunc.PythonModel):
                   **(params or {})}
         method = copy.copy(self.method)  # shares the loaded model; settings are per call
         total = method.schedule.timesteps
-        method.timesteps = spaced_timesteps(total, min(int(params["steps"]), total))
+        method.timesteps = spaced_timesteps(total, min(int(params["steps"]), total), SAMPLE.spacing)
         method.seed = int(params["seed"])
         check_temperature(float(params["temperature"]))
         method.temperature = float(params["temperature"])

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from idm.config import MODEL_PRESETS, DiffusionConfig, ModelConfig
-from idm.sampling import SAMPLERS
+from idm.sampling import SAMPLERS, SPACINGS
 from idm.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +121,7 @@ class SampleParams:
 
     sampler: str = "ddim"  # one of idm.sampling.SAMPLERS
     steps: int = 5  # network evaluations per image (spaced over the schedule)
+    spacing: str = "uniform"  # how the steps are spread over the schedule (idm.sampling.SPACINGS)
     eta: float = 0.0  # 0: deterministic DDIM; 1: ancestral-like
     seed: int = 0  # initial noise, per image
     temperature: float = 0.5  # scale of the initial noise: 1 samples the model, < 1 favours PSNR over texture
@@ -134,7 +135,7 @@ class SampleParams:
 
     def method_options(self) -> dict[str, Any]:
         """These settings as keyword arguments of idm.methods.DiffusionSR.from_checkpoint."""
-        return dict(steps=self.steps, sampler=self.sampler, eta=self.eta, seed=self.seed,
+        return dict(steps=self.steps, spacing=self.spacing, sampler=self.sampler, eta=self.eta, seed=self.seed,
                     temperature=self.temperature, max_bytes=self.max_bytes, overlap=self.tile_overlap,
                     context=self.tile_context)
 
@@ -144,6 +145,7 @@ class SampleParams:
         _check(self.tile_context >= 0, "sample.tile_context", f"an integer >= 0, got {self.tile_context}")
         _check(self.sampler in SAMPLERS, "sample.sampler", f"one of {sorted(SAMPLERS)}, got {self.sampler!r}")
         _check(self.steps >= 1, "sample.steps", f"an integer >= 1, got {self.steps}")
+        _check(self.spacing in SPACINGS, "sample.spacing", f"one of {list(SPACINGS)}, got {self.spacing!r}")
         _check(math.isfinite(self.eta) and self.eta >= 0, "sample.eta", f"a number >= 0, got {self.eta}")
         _check(0 <= self.temperature <= 1, "sample.temperature", f"a number in [0, 1], got {self.temperature}")
 

@@ -199,6 +199,20 @@ def test_spaced_timesteps() -> None:
         spaced_timesteps(10, 11)
 
 
+def test_quadratic_spacing_crowds_the_steps_at_low_noise() -> None:
+    assert spaced_timesteps(1000, 5, "quadratic") == [1000, 640, 360, 160, 40]
+    # where rounding would repeat a step, the next free lower step is taken: still distinct
+    assert spaced_timesteps(10, 4, "quadratic") == [10, 6, 2, 1]
+    assert spaced_timesteps(10, 10, "quadratic") == list(range(10, 0, -1))
+    for total in (7, 50, 1000):
+        for steps in range(1, total + 1, 3):
+            got = spaced_timesteps(total, steps, "quadratic")
+            assert len(got) == steps and got[0] == total and got[-1] >= 1
+            assert all(a > b for a, b in zip(got, got[1:]))
+    with pytest.raises(ValueError, match="unknown spacing 'cosine'"):
+        spaced_timesteps(10, 4, "cosine")
+
+
 @pytest.mark.parametrize("timesteps", [[], [1, 2], [5, 5, 1], [11, 3], [4, 0]])
 def test_samplers_reject_bad_timesteps(timesteps: list[int]) -> None:
     schedule = make_schedule("linear", 10)

@@ -75,6 +75,7 @@ def test_values_are_converted_and_frozen():
         ({**BASE, "train": {"lerning_rate": 1e-4}}, "unknown key train.lerning_rate; allowed keys: ['device', 'threads', "),
         ({**BASE, "train": {"device": "tpu"}}, "train.device must be one of"),
         ({**BASE, "sample": {"sampler": "euler"}}, "sample.sampler must be one of ['ddim', 'ddpm']"),
+        ({**BASE, "sample": {"spacing": "cosine"}}, "sample.spacing must be one of ['uniform', 'quadratic']"),
         ({**BASE, "sample": {"temperature": 1.5}}, "sample.temperature must be a number in [0, 1], got 1.5"),
         ({**BASE, "sample": {"temperature": float("nan")}}, "sample.temperature must be a number in [0, 1], got nan"),
         ({**BASE, "model": {"prediction": "score"}}, "unknown prediction 'score'; expected one of ['eps', 'x0', 'v']"),

@@ -107,7 +107,7 @@ def sample_logger(params: Params, images: list[np.ndarray], device: torch.device
     s = params.sample  # the sample looks like what evaluate will produce
 
     def log_sample(step: int, model: torch.nn.Module) -> None:
-        timesteps = spaced_timesteps(d.timesteps, min(s.steps, d.timesteps))
+        timesteps = spaced_timesteps(d.timesteps, min(s.steps, d.timesteps), s.spacing)
         method = DiffusionSR(model, schedule=schedule, timesteps=timesteps, sampler=s.sampler, eta=s.eta,
                              seed=s.seed, temperature=s.temperature, target=params.train.target,
                              residual_scale=params.train.residual_scale, device=device)
