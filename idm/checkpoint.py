@@ -88,7 +88,14 @@ def content_digest(ckpt: Mapping[str, Any]) -> str:
 
 
 def _feed(digest: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and value.is_quantized:  # int8 models (idm.quantize)
+        digest.update(f"Q{value.qscheme()}|".encode())
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            params = [value.q_per_channel_scales(), value.q_per_channel_zero_points(), value.q_per_channel_axis()]
+        else:
+            params = [value.q_scale(), value.q_zero_point()]
+        _feed(digest, [value.int_repr(), *params])
+    elif isinstance(value, torch.Tensor):
         flat = value.detach().cpu().contiguous().reshape(-1)
         digest.update(f"T{flat.dtype}{tuple(value.shape)}|".encode())
         digest.update(flat.view(torch.uint8).numpy())
@@ -119,6 +126,28 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def load_plain(path: str | os.PathLike, *, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(path, weights_only=True), with one CheckpointError naming the file (and
+    calling it `what`) if it is missing, damaged, or references Python objects (which
+    are never unpickled: that could run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what} file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refusing to load: it references the Python object {unsafe.group(1)}, and "
+                f"only tensors and plain containers are loaded (weights_only=True), since "
+                f"unpickling anything else could run code") from None
+        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(e)
+        raise CheckpointError(f"{path}: corrupt or truncated {what} ({reason})") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ... on damaged zip archives
+        raise CheckpointError(f"{path}: corrupt or truncated {what} ({type(e).__name__}: {e})") from None
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint`, never unpickling arbitrary objects.
 
@@ -129,21 +158,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     from the returned dict.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsafe:
-            raise CheckpointError(
-                f"{path}: refusing to load: it references the Python object {unsafe.group(1)}, and "
-                f"only tensors and plain containers are loaded (weights_only=True), since "
-                f"unpickling anything else could run code") from None
-        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(e)
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, ... on damaged zip archives
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = load_plain(path, what="checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not an IDM checkpoint of format {FORMAT} (format: {found!r})")

@@ -58,8 +58,8 @@ File format: `torch.save` of plain data, loadable with `torch.load(weights_only=
 {"format", "model_config": asdict(ModelConfig), "reduce_range": bool, "float_convs":
 [names below the UNet of the convs with float32 compute], "state": the state dict
 without the float weight matrices, "int8_weights": {name: {"q": int8, "scale": (C_out,)
-float32}}}. The file lists its float convs, so it loads the same whatever rule
-`float_convs` follows later.
+float32}}, "sha256": idm.checkpoint.content_digest of the rest, checked on load}. The
+file lists its float convs, so it loads the same whatever rule `float_convs` follows later.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from idm.checkpoint import content_digest, load_plain
 from idm.config import ModelConfig
 from idm.io import atomic_path
 from idm.diffusion import Schedule
@@ -277,6 +278,7 @@ def save_quantized(model: IDM, path: str | os.PathLike) -> None:
                 "float_convs": _float_conv_names(model.unet),
                 "state": {k: v for k, v in state.items() if not _is_float_matrix(v)},
                 "int8_weights": {k: _pack(v) for k, v in state.items() if _is_float_matrix(v)}}
+        blob["sha256"] = content_digest(blob)  # checked on load, like a checkpoint's
         with open(tmp, "wb") as f:  # a file object: torch.save would name the archive after the random tmp name
             torch.save(blob, f)
 
@@ -285,10 +287,13 @@ def load_quantized(path: str | os.PathLike) -> IDM:
     """Read a file written by `save_quantized`; never unpickles arbitrary objects."""
     _use_engine()
     with _quiet():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = load_plain(path, what="int8 model")
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
             raise ValueError(f"{path}: not an int8 IDM file of format {FORMAT!r} (format: {found!r})")
+        if blob.get("sha256") != content_digest(blob):
+            raise ValueError(f"{path}: corrupt int8 model: its contents do not match the sha256 recorded when it "
+                             "was saved; run the quantize stage again (dvc repro quantize)")
         model = _empty_int8(ModelConfig(**blob["model_config"]), blob["float_convs"])
         state = dict(blob["state"], **{k: _unpack(v) for k, v in blob["int8_weights"].items()})
         model.load_state_dict(state)

@@ -157,3 +157,20 @@ def test_saved_bytes_do_not_depend_on_the_file_name(models, tmp_path: Path) -> N
     save_quantized(int8, tmp_path / "a.pt")
     save_quantized(int8, tmp_path / "model_int8.pt")
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "model_int8.pt").read_bytes()
+
+
+def test_a_damaged_file_is_refused_naming_it(models, tmp_path: Path) -> None:
+    """A flipped byte in the weights unpickles fine; the recorded sha256 catches it. A
+    truncated file fails to unpickle; both give one clear error naming the file."""
+    _, int8 = models
+    save_quantized(int8, tmp_path / "model_int8.pt")
+    data = (tmp_path / "model_int8.pt").read_bytes()
+    blob = torch.load(tmp_path / "model_int8.pt", weights_only=True)
+    name = next(iter(blob["int8_weights"]))
+    blob["int8_weights"][name]["q"].view(-1)[0] ^= 1  # what a flipped bit in the stored weights looks like
+    torch.save(blob, tmp_path / "flipped.pt")
+    with pytest.raises(ValueError, match=r"flipped\.pt: corrupt int8 model: its contents do not match the sha256"):
+        load_quantized(tmp_path / "flipped.pt")
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated\.pt: corrupt or truncated int8 model"):
+        load_quantized(tmp_path / "truncated.pt")
