@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--overlap", type=int, default=16)
-    parser.add_argument("--context", type=int, default=32, help="HR px of extra input around each tile")
+    parser.add_argument("--context", type=int, default=64, help="HR px of extra input around each tile")
     parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -1,28 +1,48 @@
 """Tiled vs untiled IDM output on images small enough to run untiled: the PSNR difference.
 
-Usage: python -m bench.tiled_seams [CHECKPOINT] [--scales 2 2.5 3 4] [--tiles 32:8:0 32:8:16 48:16:16]
-Upscales the held-out test images of the default pipeline (`data/prepared`) with the
-sampling settings of params.yaml, once untiled and once tile by tile (tile:overlap:context
-in LR pixels, context defaulting to params.yaml's tile_context; from the same whole-image
-x_T), and prints tiled minus untiled Y-PSNR against the ground truth per image, and in
-brackets the Y-PSNR of the tiled output against the untiled one (inf: identical, the
-image fit in one tile). The issue's target: |difference| <= 0.05 dB.
+Usage: python -m bench.tiled_seams [CHECKPOINT] [--scales 2 2.5 3 4] [--tiles 32:8:0 32:8 48:16]
+           [--folder ../shared/datasets/Set14 --crop 192]
+Upscales the held-out test images of the default pipeline (`data/prepared`), or with
+--folder that folder's images centre-cropped to --crop HR px and paired with their
+bicubic LR, with the sampling settings of params.yaml, once untiled and once tile by
+tile (tile:overlap:context: tile and overlap in LR px, context in HR px, defaulting to
+params.yaml's tile_context; from the same whole-image x_T), and prints tiled minus
+untiled Y-PSNR against the ground truth per image, and in brackets the Y-PSNR of the
+tiled output against the untiled one (inf: identical, the image fit in one tile's
+input). The issue's target: |difference| <= 0.05 dB.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Iterator
+
+import numpy as np
 
 import pandas as pd
 import torch
 
 from idm import metrics
-from idm.io import read_image
+from idm.datasets import center_crop, make_pair
+from idm.io import list_images, read_image
 from idm.methods import DiffusionSR, to_model_range, to_uint8
 from idm.sampling import super_resolve
 from idm.tiling import tiled_super_resolve
 from pipeline.params import ROOT, load
+
+
+def test_images(args: argparse.Namespace) -> Iterator[tuple[str, float, np.ndarray, np.ndarray]]:
+    """(name, scale, HR, LR) of the held-out photos in data/prepared, or of --folder's images."""
+    if args.folder is not None:
+        for path in list_images(args.folder):
+            for scale in args.scales:
+                yield (path.stem, scale, *make_pair(center_crop(read_image(path), args.crop), scale))
+        return
+    prepared = ROOT / "data" / "prepared"
+    manifest = pd.read_csv(prepared / "manifest.csv")
+    for row in manifest[(manifest.split == "test") & manifest.scale.isin(args.scales)].itertuples():
+        yield row.image, row.scale, read_image(prepared / row.hr), read_image(prepared / row.lr)
 
 
 def main() -> None:
@@ -32,21 +52,19 @@ def main() -> None:
     parser.add_argument("--tiles", nargs="+", default=["32:8:0", "32:8", "48:16"],
                         help="tile:overlap[:context]: LR px, context in HR px (default: params.yaml tile_context)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--folder", type=Path, help="a folder of test images instead of the held-out photos")
+    parser.add_argument("--crop", type=int, default=192, help="with --folder: HR centre crop (px)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     s = load(ROOT / "params.yaml").sample
     net = DiffusionSR.from_checkpoint(args.checkpoint, steps=s.steps, sampler=s.sampler, eta=s.eta,
                                       temperature=s.temperature)
-    prepared = ROOT / "data" / "prepared"
-    manifest = pd.read_csv(prepared / "manifest.csv")
-    test = manifest[(manifest.split == "test") & manifest.scale.isin(args.scales)]
     kwargs = dict(schedule=net.schedule, sampler=net.sampler, eta=net.eta, temperature=net.temperature,
                   decode=net._decode)
     rows = ["| image | scale | " + " | ".join(f"tile {t}" for t in args.tiles) + " |",
             "|---|---|" + "---|" * len(args.tiles)]
-    for row in test.itertuples():
-        hr, lr = read_image(prepared / row.hr), read_image(prepared / row.lr)
-        x, size, border = to_model_range(lr, "cpu"), hr.shape[:2], metrics.border_for(row.scale)
+    for name, scale, hr, lr in test_images(args):
+        x, size, border = to_model_range(lr, "cpu"), hr.shape[:2], metrics.border_for(scale)
 
         def psnr(out: torch.Tensor) -> float:
             return metrics.psnr(to_uint8(out), hr, border=border, y_channel=True)
@@ -63,7 +81,7 @@ def main() -> None:
                                             **kwargs)
                 agreement = metrics.psnr(to_uint8(tiled), to_uint8(untiled_out), border=border, y_channel=True)
                 diffs.append(f"{psnr(tiled) - untiled:+.3f} ({agreement:.1f})")
-        rows.append(f"| {row.image} | x{row.scale:g} | " + " | ".join(diffs) + " |")
+        rows.append(f"| {name} | x{scale:g} | " + " | ".join(diffs) + " |")
         print(rows[-1], flush=True)
     print(f"\n{args.checkpoint}: tiled minus untiled Y-PSNR (dB), {s.sampler} {s.steps} steps, "
           f"temperature {s.temperature:g}\n")

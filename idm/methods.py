@@ -67,7 +67,7 @@ class DiffusionSR:
     def __init__(self, model: nn.Module, *, schedule: Schedule, timesteps: Sequence[int], sampler: str = "ddim",
                  eta: float = 0.0, target: str = "image", residual_scale: float = 1.0, clip_x0: bool = True,
                  seed: int = 0, device: torch.device | str = "cpu", name: str = "idm",
-                 max_bytes: int | None = None, overlap: int = 8, context: int = 32,
+                 max_bytes: int | None = None, overlap: int = 8, context: int = 64,
                  temperature: float = 1.0) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
@@ -83,7 +83,7 @@ class DiffusionSR:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, steps: int, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
                         device: torch.device | str = "cpu", name: str = "idm", max_bytes: int | None = None,
-                        overlap: int = 8, context: int = 32, temperature: float = 1.0,
+                        overlap: int = 8, context: int = 64, temperature: float = 1.0,
                         spacing: str = "uniform") -> DiffusionSR:
         """Rebuild the EMA model a checkpoint describes, with its own schedule and target."""
         ckpt = load_checkpoint(path)

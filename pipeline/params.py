@@ -127,7 +127,7 @@ class SampleParams:
     temperature: float = 0.5  # scale of the initial noise: 1 samples the model, < 1 favours PSNR over texture
     max_memory_gb: float = 4.0  # outputs whose untiled run would need more are made tile by tile
     tile_overlap: int = 8  # LR pixels shared by neighbouring tiles
-    tile_context: int = 32  # HR pixels of extra input around each tile (idm.tiling.input_span)
+    tile_context: int = 64  # HR pixels of extra input around each tile (idm.tiling.input_span)
 
     @property
     def max_bytes(self) -> int:
