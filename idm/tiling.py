@@ -14,17 +14,18 @@ its ends moved onto the whole image's grids (HR pixel centres and the UNet's str
 grids), so that a tile is computed as the same part of the whole picture and not as a
 slightly shifted or stretched one.
 
-How much context. The denoiser's receptive field is wide (three levels, attention at the
-coarsest), and GroupNorm statistics and self-attention span whatever input they get, so
-a tile matches the untiled run only as far as its input resembles the whole image.
-Measured with the default model (`bench/tiled_seams`; tiled minus untiled Y-PSNR): with
-32 HR px of context, textured photos stay within 0.05 dB at x2 but Set5 at x3 with
-32 px tiles reaches -0.20 dB, and the smooth `retina` +0.21 dB; with 64 HR px (the
-default, `sample.tile_context`) every tested image and scale of the held-out photos,
-Set5 and Set14 is within 0.05 dB with 48 px tiles (max +0.041 on `retina` at x2). What
-context cannot fix is the two global operations: with whole-image GroupNorm statistics
-forced into each tile and attention removed from both runs, retina's difference at
-32 HR px of context fell from +0.158 to +0.002 dB.
+How much context, and what remains. The denoiser's receptive field is wide (three
+levels, attention at the coarsest), so a tile matches the untiled run only as far as its
+input resembles the whole image. Measured with the default model (`bench/tiled_seams`,
+tiled minus untiled Y-PSNR): with 32 HR px of context Set5 at x3 with 32 px tiles lost
+up to 0.20 dB; with 64 (the default, `sample.tile_context`) and 48 px tiles, the
+held-out photos, Set5 and Set14 are within 0.05 dB but for a few images (worst -0.105
+dB, Set14 `zebra` at x2; table in bench/README.md). The rest is GroupNorm: each tile
+normalises with its own statistics, and forcing the untiled run's statistics into the
+tiles took `zebra` x2 and Set5 `baby` x4 (-0.075) to +0.002 dB. Getting whole-image
+statistics without holding whole-image activations did not work: statistics collected
+in a first tiled pass do not match the activations of a second pass that uses them
+(-2.4 to -17 dB, oscillating over further passes).
 
 Noise. For a diffusion sampler to give the same picture tiled and untiled, x_T is
 drawn once for the whole HR image and each tile receives its crop (`noise=` of
