@@ -142,9 +142,8 @@ def input_span(span: Span, lr_len: int, hr_len: int, *, context: int = 0, align:
     integer multiple of `align`, (2) a multiple of `align` after rounding, (3) left alone;
     the end, to one whose HR position is an integer. Exact ends put the tile's HR pixel
     centres exactly on the whole image's, so the tile is upscaled by exactly H / h and
-    not by its rounded size ratio; `align` (the factor by
-    which the UNet's coarsest level is smaller) keeps its stride-2 grids in phase with
-    the whole image's. On the default model's smooth test photo at x2.5, these took the
+    not by its rounded size ratio; `align` (the factor by which the UNet's coarsest
+    level is smaller) keeps its stride-2 grids in phase with the whole image's. On the default model's smooth test photo at x2.5, these took the
     tiled output from 56 to 58-65 dB PSNR against the untiled one (bench/tiled_seams).
     Context is counted in HR pixels because the denoiser, whose receptive field it must
     cover, runs at the output resolution.
@@ -163,6 +162,18 @@ def input_span(span: Span, lr_len: int, hr_len: int, *, context: int = 0, align:
     lowest = max(a0 - slack, 0)
     rounded = next((b for b in range(a0, lowest - 1, -1) if hr_coord(b, lr_len, hr_len) % align == 0), a0)
     return rounded, a1
+
+
+def plan_inputs(lr_len: int, hr_len: int, *, tile: int, overlap: int, context: int = 0,
+                align: int = 1) -> list[tuple[Span, int, int, int, int]]:
+    """The tiles along one axis (`plan_axis`) with their network inputs: (span, a0, a1,
+    R0, R1), LR pixels [a0, a1) (`input_span`, `context` in HR px) and their HR pixels [R0, R1)."""
+    lr_context = lr_pixels(context, lr_len, hr_len)
+    plan = []
+    for span in plan_axis(lr_len, hr_len, tile, overlap):
+        a0, a1 = input_span(span, lr_len, hr_len, context=lr_context, align=align)
+        plan.append((span, a0, a1, hr_coord(a0, lr_len, hr_len), hr_coord(a1, lr_len, hr_len)))
+    return plan
 
 
 def tiled_apply(fn: TileFn, lr: Tensor, size: tuple[int, int], *, tile: int, overlap: int,
@@ -186,13 +197,10 @@ def tiled_apply(fn: TileFn, lr: Tensor, size: tuple[int, int], *, tile: int, ove
     if isinstance(align, bool) or not isinstance(align, int) or align < 1:
         raise ValueError(f"align must be an integer number of HR pixels >= 1, got {align!r}")
     (h, w), out, weight_sum = lr.shape[-2:], None, None
-    rows, cols = plan_axis(h, height, tile, overlap), plan_axis(w, width, tile, overlap)
-    for r in rows:
-        a0, a1 = input_span(r, h, height, context=lr_pixels(context, h, height), align=align)
-        R0, R1 = hr_coord(a0, h, height), hr_coord(a1, h, height)
-        for c in cols:
-            b0, b1 = input_span(c, w, width, context=lr_pixels(context, w, width), align=align)
-            C0, C1 = hr_coord(b0, w, width), hr_coord(b1, w, width)
+    rows = plan_inputs(h, height, tile=tile, overlap=overlap, context=context, align=align)
+    cols = plan_inputs(w, width, tile=tile, overlap=overlap, context=context, align=align)
+    for r, a0, a1, R0, R1 in rows:
+        for c, b0, b1, C0, C1 in cols:
             args = [lr[..., a0:a1, b0:b1], (R1 - R0, C1 - C0)]
             if noise is not None:
                 args.append(noise[..., R0:R1, C0:C1])
@@ -297,10 +305,8 @@ def check_memory(cfg: ModelConfig, size: tuple[int, int], *, max_bytes: int, bat
 
 def largest_input(lr_len: int, hr_len: int, *, tile: int, overlap: int, context: int = 0, align: int = 1) -> int:
     """The most HR pixels along one axis that any tile's network input (`input_span`) covers."""
-    lr_context = lr_pixels(context, lr_len, hr_len)
-    spans = (input_span(s, lr_len, hr_len, context=lr_context, align=align)
-             for s in plan_axis(lr_len, hr_len, tile, overlap))
-    return max(hr_coord(a1, lr_len, hr_len) - hr_coord(a0, lr_len, hr_len) for a0, a1 in spans)
+    plan = plan_inputs(lr_len, hr_len, tile=tile, overlap=overlap, context=context, align=align)
+    return max(R1 - R0 for _, _, _, R0, R1 in plan)
 
 
 def estimate_tiled_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *,
