@@ -1,20 +1,23 @@
 """Tiled vs untiled IDM output on images small enough to run untiled: the PSNR difference.
 
-Usage: python -m bench.tiled_seams [CHECKPOINT] [--scales 2 2.5 3 4] [--tiles 32:8:0 32:8 48:16]
-           [--folder ../shared/datasets/Set14 --crop 192]
+Usage: python -m bench.tiled_seams [CHECKPOINT] [--scales 2 2.5 3 4] [--tiles 32:8:0 32:8 48:16 48:16:64:image]
+           [--folder ../shared/datasets/Set14 --crop 192] [--only zebra monarch]
 Upscales the held-out test images of the default pipeline (`data/prepared`), or with
 --folder that folder's images centre-cropped to --crop HR px and paired with their
 bicubic LR, with the sampling settings of params.yaml, once untiled and once tile by
-tile (tile:overlap:context: tile and overlap in LR px, context in HR px, defaulting to
-params.yaml's tile_context; from the same whole-image x_T), and prints tiled minus
-untiled Y-PSNR against the ground truth per image, and in brackets the Y-PSNR of the
-tiled output against the untiled one (inf: identical, the image fit in one tile's
-input). The issue's target: |difference| <= 0.05 dB.
+tile (tile:overlap:context:norm: tile and overlap in LR px, context in HR px,
+defaulting to params.yaml's tile_context, norm "tile" or "image" (idm.image_norm),
+defaulting to params.yaml's tile_norm; from the same whole-image x_T), and prints
+tiled minus untiled Y-PSNR against the ground truth per image, in brackets the Y-PSNR
+of the tiled output against the untiled one (inf: identical, the image fit in one
+tile's input), and the tiled run's time over the untiled run's, measured in the same
+process one after the other. The issue's target: |difference| <= 0.05 dB.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -36,12 +39,16 @@ def test_images(args: argparse.Namespace) -> Iterator[tuple[str, float, np.ndarr
     """(name, scale, HR, LR) of the held-out photos in data/prepared, or of --folder's images."""
     if args.folder is not None:
         for path in list_images(args.folder):
+            if args.only and path.stem not in args.only:
+                continue
             for scale in args.scales:
                 yield (path.stem, scale, *make_pair(center_crop(read_image(path), args.crop), scale))
         return
     prepared = ROOT / "data" / "prepared"
     manifest = pd.read_csv(prepared / "manifest.csv")
     for row in manifest[(manifest.split == "test") & manifest.scale.isin(args.scales)].itertuples():
+        if args.only and row.image not in args.only:
+            continue
         yield row.image, row.scale, read_image(prepared / row.hr), read_image(prepared / row.lr)
 
 
@@ -50,10 +57,12 @@ def main() -> None:
     parser.add_argument("checkpoint", nargs="?", type=Path, default=ROOT / "models" / "idm" / "model.pt")
     parser.add_argument("--scales", type=float, nargs="+", default=[2.0, 2.5, 3.0, 4.0])
     parser.add_argument("--tiles", nargs="+", default=["32:8:0", "32:8", "48:16"],
-                        help="tile:overlap[:context]: LR px, context in HR px (default: params.yaml tile_context)")
+                        help="tile:overlap[:context[:norm]]: LR px, context in HR px, norm tile|image "
+                             "(defaults: params.yaml's tile_context and tile_norm)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--folder", type=Path, help="a folder of test images instead of the held-out photos")
     parser.add_argument("--crop", type=int, default=192, help="with --folder: HR centre crop (px)")
+    parser.add_argument("--only", nargs="+", help="only these images (file stems)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     s = load(ROOT / "params.yaml").sample
@@ -70,17 +79,22 @@ def main() -> None:
             return metrics.psnr(to_uint8(out), hr, border=border, y_channel=True)
 
         with torch.inference_mode():
+            start = time.perf_counter()
             untiled_out = super_resolve(net.model, x, size, net.timesteps,
                                         generator=torch.Generator().manual_seed(s.seed), **kwargs)
-            untiled = psnr(untiled_out)
+            untiled_time, untiled = time.perf_counter() - start, psnr(untiled_out)
             diffs = []
             for spec in args.tiles:
-                tile, overlap, context = ([int(v) for v in spec.split(":")] + [s.tile_context])[:3]
+                fields = spec.split(":")
+                tile, overlap, context = ([int(v) for v in fields[:3]] + [s.tile_context])[:3]
+                norm = fields[3] if len(fields) > 3 else s.tile_norm
+                start = time.perf_counter()
                 tiled = tiled_super_resolve(net.model, x, size, net.timesteps, tile=tile, overlap=overlap,
-                                            context=context, generator=torch.Generator().manual_seed(s.seed),
-                                            **kwargs)
+                                            context=context, norm=norm,
+                                            generator=torch.Generator().manual_seed(s.seed), **kwargs)
+                ratio = (time.perf_counter() - start) / untiled_time
                 agreement = metrics.psnr(to_uint8(tiled), to_uint8(untiled_out), border=border, y_channel=True)
-                diffs.append(f"{psnr(tiled) - untiled:+.3f} ({agreement:.1f})")
+                diffs.append(f"{psnr(tiled) - untiled:+.3f} ({agreement:.1f}) {ratio:.1f}x")
         rows.append(f"| {name} | x{scale:g} | " + " | ".join(diffs) + " |")
         print(rows[-1], flush=True)
     print(f"\n{args.checkpoint}: tiled minus untiled Y-PSNR (dB), {s.sampler} {s.steps} steps, "

@@ -21,7 +21,7 @@ from idm.models import Condition
 from idm.resize import resize_uint8
 from idm.sampling import SAMPLERS, check_temperature, spaced_timesteps, super_resolve
 from idm.targets import decode
-from idm.tiling import choose_tile, tiled_super_resolve
+from idm.tiling import TILE_NORMS, choose_tile, tiled_super_resolve
 
 
 class Method(Protocol):
@@ -68,7 +68,7 @@ class DiffusionSR:
                  eta: float = 0.0, target: str = "image", residual_scale: float = 1.0, clip_x0: bool = True,
                  seed: int = 0, device: torch.device | str = "cpu", name: str = "idm",
                  max_bytes: int | None = None, overlap: int = 8, context: int = 64,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, tile_norm: str = "tile") -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
         self.model = model.to(device).eval()
@@ -77,6 +77,9 @@ class DiffusionSR:
         self.target, self.residual_scale = target, residual_scale
         self.seed, self.device, self.name = seed, torch.device(device), name
         self.max_bytes, self.overlap, self.context = max_bytes, overlap, context  # max_bytes None: never tile
+        if tile_norm not in TILE_NORMS:
+            raise ValueError(f"unknown tile norm {tile_norm!r}; expected one of {list(TILE_NORMS)}")
+        self.tile_norm = tile_norm
         check_temperature(temperature)
         self.temperature = temperature
 
@@ -84,7 +87,7 @@ class DiffusionSR:
     def from_checkpoint(cls, path: str | Path, *, steps: int, sampler: str = "ddim", eta: float = 0.0, seed: int = 0,
                         device: torch.device | str = "cpu", name: str = "idm", max_bytes: int | None = None,
                         overlap: int = 8, context: int = 64, temperature: float = 1.0,
-                        spacing: str = "uniform") -> DiffusionSR:
+                        spacing: str = "uniform", tile_norm: str = "tile") -> DiffusionSR:
         """Rebuild the EMA model a checkpoint describes, with its own schedule and target."""
         ckpt = load_checkpoint(path)
         diffusion = DiffusionConfig(**ckpt["diffusion_config"])
@@ -95,7 +98,7 @@ class DiffusionSR:
                    timesteps=spaced_timesteps(diffusion.timesteps, min(steps, diffusion.timesteps), spacing),
                    sampler=sampler, eta=eta, target=train["target"], residual_scale=train["residual_scale"],
                    clip_x0=diffusion.clip_x0, seed=seed, device=device, name=name, max_bytes=max_bytes,
-                   overlap=overlap, context=context, temperature=temperature)
+                   overlap=overlap, context=context, temperature=temperature, tile_norm=tile_norm)
 
     @torch.inference_mode()
     def __call__(self, lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -106,12 +109,12 @@ class DiffusionSR:
         tile = None
         if self.max_bytes is not None:
             tile = choose_tile(self.model.cfg, lr.shape[:2], size, max_bytes=self.max_bytes, overlap=self.overlap,
-                               context=self.context)
+                               context=self.context, norm=self.tile_norm)
         if tile is None:
             image = super_resolve(self.model, x_lr, size, self.timesteps, **kwargs)
         else:
             image = tiled_super_resolve(self.model, x_lr, size, self.timesteps, tile=tile, overlap=self.overlap,
-                                        context=self.context, **kwargs)
+                                        context=self.context, norm=self.tile_norm, **kwargs)
         return to_uint8(image)
 
     def use_int8(self, path: str | Path) -> DiffusionSR:

@@ -22,12 +22,11 @@ up to 0.20 dB; with 64 (the default, `sample.tile_context`) and 48 px tiles, 55 
 63 tiled image x scale cases of the held-out photos, Set5 and Set14 are within 0.05 dB,
 the worst -0.126 dB (Set14 `monarch`, x3, 384 px crop; table in bench/README.md): the
 smaller a part of a varied image a tile is, the larger the gap. The rest is GroupNorm:
-each tile normalises with its own statistics, and forcing the untiled run's statistics
-into the tiles took `zebra` x2 (-0.105) and Set5 `baby` x4 (-0.075) to +0.002 dB.
-Getting whole-image statistics without holding whole-image activations did not work:
-statistics collected in a first tiled pass do not match the activations of a second
-pass that uses them (-2.4 to -17 dB, oscillating over further passes). Larger tiles
-(what `choose_tile` picks under a memory bound) make the gap smaller.
+each tile normalises with its own statistics (norm="tile", the default: fast). With
+norm="image" the tiles run in step and normalise with the whole image's statistics,
+found tile by tile in bounded memory (`idm.image_norm`): `zebra` x2 went from -0.105
+to -0.006 dB, for ~15-20x the compute. Larger tiles (what `choose_tile` picks under a
+memory bound) make the per-tile gap smaller.
 
 Noise. For a diffusion sampler to give the same picture tiled and untiled, x_T is
 drawn once for the whole HR image and each tile receives its crop (`noise=` of
@@ -52,10 +51,12 @@ from torch import Tensor, nn
 
 from idm.config import ModelConfig
 from idm.diffusion import Schedule
+from idm.image_norm import ImageNorm
 from idm.models import IDM
 from idm.sampling import Decoder, Sampler, check_temperature, sample_ddpm
 
 TileFn = Callable[..., Tensor]
+TILE_NORMS = ("tile", "image")  # GroupNorm statistics per tile, or the whole image's (idm.image_norm)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], tim
                         schedule: Schedule, tile: int, overlap: int, sampler: Sampler = sample_ddpm,
                         eta: float | None = None, clip_x0: bool = True, temperature: float = 1.0,
                         decode: Decoder | None = None, generator: torch.Generator | None = None,
-                        context: int = 0, align: int | None = None) -> Tensor:
+                        context: int = 0, align: int | None = None, norm: str = "tile") -> Tensor:
     """`idm.sampling.super_resolve`, tile by tile: lr (B, 3, h, w) -> (B, 3, H, W) in [-1, 1].
 
     x_T is drawn once for the whole (H, W) image with `generator`, and every tile starts
@@ -231,11 +232,26 @@ def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], tim
     `decode` (idm.sampling.super_resolve) is applied tile by tile, before blending.
     `context` and `align` (HR px; align defaults to the UNet's coarsest stride) widen each
     tile's input (`input_span`).
+
+    `norm` (`TILE_NORMS`): "tile" runs each tile's whole sampler on its own, its
+    GroupNorm layers normalising with the tile's statistics; "image" runs the tiles in
+    step, blending their predictions into one whole-image x_t at every step, with the
+    whole image's GroupNorm statistics (`idm.image_norm`): the same picture as the
+    untiled run up to the tiles' limited context, in the same memory, for ~15-20x the
+    compute of "tile" with the default model.
     """
     check_temperature(temperature)
+    if norm not in TILE_NORMS:
+        raise ValueError(f"unknown tile norm {norm!r}; expected one of {list(TILE_NORMS)}")
     where = generator.device if generator is not None else lr.device
     x_T = temperature * torch.randn((lr.shape[0], 3, *size), generator=generator, device=where, dtype=lr.dtype).to(lr.device)
     extra = {} if eta is None else {"eta": eta}
+    if align is None:
+        align = unet_stride(model.cfg)
+    if norm == "image":
+        return _image_norm_sample(model, lr, size, timesteps, x_T, schedule=schedule, sampler=sampler,
+                                  clip_x0=clip_x0, decode=decode, generator=generator, tile=tile,
+                                  overlap=overlap, context=context, align=align, **extra)
 
     def one_tile(lr_tile: Tensor, tile_size: tuple[int, int], x_T_tile: Tensor) -> Tensor:
         cond = model.condition(lr_tile, tile_size)
@@ -243,9 +259,72 @@ def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], tim
                      generator=generator, **extra)
         return x0 if decode is None else decode(x0, lr_tile, cond)
 
-    if align is None:
-        align = unet_stride(model.cfg)
     return tiled_apply(one_tile, lr, size, tile=tile, overlap=overlap, noise=x_T, context=context, align=align)
+
+
+@dataclass(frozen=True)
+class _Tile:
+    """One tile of a plan: its network input (LR and HR slices) and its share of the
+    whole image over that input ((T_H, T_W), zero over the context; shares sum to 1)."""
+
+    lr: tuple[slice, slice]
+    hr: tuple[slice, slice]
+    share: Tensor
+
+
+def _tiles(lr_size: tuple[int, int], size: tuple[int, int], *, tile: int, overlap: int, context: int,
+           align: int) -> list[_Tile]:
+    """The plan of `tiled_apply` as a list of tiles, with blending weights normalised to shares."""
+    rows = plan_inputs(lr_size[0], size[0], tile=tile, overlap=overlap, context=context, align=align)
+    cols = plan_inputs(lr_size[1], size[1], tile=tile, overlap=overlap, context=context, align=align)
+    tiles, weight_sum = [], torch.zeros(size)
+    for r, a0, a1, R0, R1 in rows:
+        for c, b0, b1, C0, C1 in cols:
+            share = torch.zeros(R1 - R0, C1 - C0)
+            share[r.hr0 - R0:r.hr1 - R0, c.hr0 - C0:c.hr1 - C0] = r.weight[:, None] * c.weight[None, :]
+            weight_sum[R0:R1, C0:C1] += share
+            tiles.append(_Tile((slice(a0, a1), slice(b0, b1)), (slice(R0, R1), slice(C0, C1)), share))
+    for t in tiles:
+        t.share.div_(weight_sum[t.hr])
+    return tiles
+
+
+def _image_norm_sample(model: nn.Module, lr: Tensor, size: tuple[int, int], timesteps: Sequence[int],
+                       x_T: Tensor, *, schedule: Schedule, sampler: Sampler, clip_x0: bool,
+                       decode: Decoder | None, generator: torch.Generator | None, tile: int, overlap: int,
+                       context: int, align: int, **extra: float) -> Tensor:
+    """`tiled_super_resolve` with norm="image": the sampler runs on the whole image, and
+    its denoiser is the tiles' predictions, blended, with whole-image GroupNorm statistics.
+
+    Each tile's condition is recomputed whenever the tile runs rather than kept, so
+    memory stays that of one tile (plus whole-image 3-channel buffers); it is a small
+    part of a denoiser call.
+    """
+    tiles = [_Tile(t.lr, t.hr, t.share.to(x_T)) for t in
+             _tiles(tuple(lr.shape[-2:]), size, tile=tile, overlap=overlap, context=context, align=align)]
+
+    def condition(t: _Tile):
+        return model.condition(lr[(..., *t.lr)], (t.hr[0].stop - t.hr[0].start, t.hr[1].stop - t.hr[1].start))
+
+    def add_tile_eps(out: Tensor, t: _Tile, x_t: Tensor, noise_level: Tensor) -> None:
+        # Blended in as soon as it is computed, so one tile's prediction is held at a time.
+        out[(..., *t.hr)] += model(x_t[(..., *t.hr)], noise_level, condition(t)) * t.share
+
+    with ImageNorm(model) as norm:
+        def denoise(x_t: Tensor, noise_level: Tensor, _cond: None) -> Tensor:
+            """The denoiser on the whole image: every tile's prediction, blended."""
+            out = torch.zeros_like(x_t)
+            norm.run([(functools.partial(add_tile_eps, out, t, x_t, noise_level), t.share) for t in tiles])
+            return out
+
+        x0 = sampler(denoise, None, x_T, timesteps, schedule=schedule, clip_x0=clip_x0, generator=generator,
+                     **extra)
+    if decode is None:
+        return x0
+    image = torch.zeros_like(x0)
+    for t in tiles:
+        image[(..., *t.hr)] += decode(x0[(..., *t.hr)], lr[(..., *t.lr)], condition(t)) * t.share
+    return image
 
 
 # --- memory bound --------------------------------------------------------------------
@@ -309,22 +388,30 @@ def largest_input(lr_len: int, hr_len: int, *, tile: int, overlap: int, context:
     return max(R1 - R0 for _, _, _, R0, R1 in plan)
 
 
+# float32 values per output pixel (batch 1) that a tiled run holds for the whole image.
+# "tile": x_T, the weighted sum, the weight sum, the result and their transient copies,
+# measured at 512 -> 2048 px. "image": the sampler's state on the whole image as well
+# (x_t, x0, eps, the blended prediction and the sampler's temporaries), counted, not
+# measured (a 512 -> 2048 px run takes hours in that mode).
+WHOLE_IMAGE_FLOATS = {"tile": 16, "image": 24}
+
+
 def estimate_tiled_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *,
-                              tile: int, overlap: int = 0, context: int = 0, batch: int = 1) -> int:
+                              tile: int, overlap: int = 0, context: int = 0, batch: int = 1,
+                              norm: str = "tile") -> int:
     """Estimated peak memory (bytes) of `tiled_super_resolve` with square `tile`-px LR tiles,
-    `overlap` LR px and `context` HR px: one tile's run on the largest network input of
-    the plan (`input_span`, aligned to the UNet's coarsest grid), plus the whole-image
-    buffers the tiling holds (x_T, the weighted sum, the weight sum, the result and their
-    transient copies: measured ~16 float32 values per output pixel at batch 1, 512 -> 2048 px)."""
+    `overlap` LR px, `context` HR px and `norm`: one tile's run on the largest network
+    input of the plan (`input_span`, aligned to the UNet's coarsest grid), plus the
+    whole-image buffers the tiling holds (`WHOLE_IMAGE_FLOATS`)."""
     (h, w), (height, width), align = lr_size, size, unet_stride(cfg)
     tile_size = (largest_input(h, height, tile=tile, overlap=overlap, context=context, align=align),
                  largest_input(w, width, tile=tile, overlap=overlap, context=context, align=align))
-    return estimate_peak_bytes(cfg, tile_size, batch=batch) + 4 * 16 * batch * height * width
+    return estimate_peak_bytes(cfg, tile_size, batch=batch) + 4 * WHOLE_IMAGE_FLOATS[norm] * batch * height * width
 
 
 def choose_tile(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *,
-                max_bytes: int, overlap: int, context: int = 0, batch: int = 1) -> int | None:
-    """The largest square LR tile side whose tiled run (with `context` HR px) fits in
+                max_bytes: int, overlap: int, context: int = 0, batch: int = 1, norm: str = "tile") -> int | None:
+    """The largest square LR tile side whose tiled run (with `context` HR px, `norm`) fits in
     `max_bytes`; None if the whole image fits untiled. Raises ValueError if not even a
     tile of overlap + 1 px fits.
 
@@ -335,7 +422,7 @@ def choose_tile(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int
         return None
     for tile in range(max(lr_size) - 1, overlap, -1):
         if estimate_tiled_peak_bytes(cfg, lr_size, size, tile=tile, overlap=overlap, context=context,
-                                     batch=batch) <= max_bytes:
+                                     batch=batch, norm=norm) <= max_bytes:
             return tile
     raise ValueError(f"no tile larger than the overlap ({overlap} px) fits in "
                      f"{max_bytes / 2**30:.2f} GiB for a {size[0]}x{size[1]} output")

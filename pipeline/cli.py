@@ -16,6 +16,7 @@ from tqdm import tqdm
 from idm.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, write_image
 from idm.resize import check_scale, target_size
 from idm.sampling import SPACINGS
+from idm.tiling import TILE_NORMS
 from pipeline.params import SampleParams
 
 DEFAULT_MODEL = "models:/idm@champion"
@@ -60,7 +61,8 @@ def load_method(args: argparse.Namespace):
     method = DiffusionSR.from_checkpoint(path, steps=args.steps, spacing=args.spacing, sampler=args.sampler,
                                          eta=args.eta, seed=args.seed,
                                          temperature=args.temperature, device=str(resolve_device(args.device)),
-                                         max_bytes=max_bytes, overlap=SAMPLE.tile_overlap, context=SAMPLE.tile_context)
+                                         max_bytes=max_bytes, overlap=SAMPLE.tile_overlap, context=SAMPLE.tile_context,
+                                         tile_norm=args.tile_norm)
     if args.int8:
         from pipeline.mlflow_model import int8_beside
 
@@ -123,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int, default=SAMPLE.seed)
     up.add_argument("--int8", action="store_true", help="int8-quantized denoiser (CPU)")
     up.add_argument("--device", default="auto")
-    up.add_argument("--max-memory-gb", type=float, default=4.0, help="tile outputs that would need more (default 4)")
+    up.add_argument("--max-memory-gb", type=float, default=SAMPLE.max_memory_gb,
+                    help=f"tile outputs that would need more (default {SAMPLE.max_memory_gb:g})")
+    up.add_argument("--tile-norm", default=SAMPLE.tile_norm, choices=list(TILE_NORMS),
+                    help="GroupNorm statistics of each tile (fast) or of the whole image (the untiled result, "
+                         f"~15-20x slower) (default {SAMPLE.tile_norm})")
     up.add_argument("--no-tiling", action="store_true", help="fail instead of tiling when over --max-memory-gb")
     up.add_argument("--out", type=Path, required=True, help="output folder")
     sub.add_parser("serve", help="Prefect server + MLflow UI + scheduled flows (same as make serve)")

@@ -72,6 +72,7 @@ def test_tiled_output_matches_requested_size(tmp_path, checkpoint):
         (["--scale", "-3"], "scale must be a finite number > 1"),
         (["--size", "big"], "--size must look like 1920x1080"),
         (["--scale", "2", "--spacing", "cosine"], "argument --spacing: invalid choice: 'cosine'"),
+        (["--scale", "2", "--tile-norm", "batch"], "argument --tile-norm: invalid choice: 'batch'"),
     ],
 )
 def test_bad_arguments(tmp_path, checkpoint, args, message):

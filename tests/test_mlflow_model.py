@@ -45,8 +45,8 @@ def test_pyfunc_predicts_what_diffusion_sr_gives(registered, monkeypatch: pytest
     other_seed = model.predict(lr, params={"scale": 2.5, "steps": 3, "seed": 5, "temperature": 1.0})
     assert loads == []  # the model was loaded once, in load_context
     method = model.unwrap_python_model().method  # params.yaml's memory bound and tiling
-    assert (method.max_bytes, method.overlap, method.context) == (SAMPLE.max_bytes, SAMPLE.tile_overlap,
-                                                                  SAMPLE.tile_context)
+    assert (method.max_bytes, method.overlap, method.context, method.tile_norm) == (
+        SAMPLE.max_bytes, SAMPLE.tile_overlap, SAMPLE.tile_context, SAMPLE.tile_norm)
     assert out.shape == (25, 30, 3) and out.dtype == np.uint8
     monkeypatch.undo()
     reference = DiffusionSR.from_checkpoint(ckpt, steps=3, seed=4, temperature=1.0)(lr, (25, 30))

@@ -76,6 +76,7 @@ def test_values_are_converted_and_frozen():
         ({**BASE, "train": {"device": "tpu"}}, "train.device must be one of"),
         ({**BASE, "sample": {"sampler": "euler"}}, "sample.sampler must be one of ['ddim', 'ddpm']"),
         ({**BASE, "sample": {"spacing": "cosine"}}, "sample.spacing must be one of ['uniform', 'quadratic']"),
+        ({**BASE, "sample": {"tile_norm": "batch"}}, "sample.tile_norm must be one of ['tile', 'image']"),
         ({**BASE, "sample": {"temperature": 1.5}}, "sample.temperature must be a number in [0, 1], got 1.5"),
         ({**BASE, "sample": {"temperature": float("nan")}}, "sample.temperature must be a number in [0, 1], got nan"),
         ({**BASE, "model": {"prediction": "score"}}, "unknown prediction 'score'; expected one of ['eps', 'x0', 'v']"),

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from idm import methods, tiling
 from idm.config import MODEL_PRESETS
 from idm.diffusion import make_schedule, training_loss
+from idm.image_norm import ImageNorm
 from idm.models import IDM
 from idm.resize import resize
 from idm.sampling import sample_ddim, spaced_timesteps, super_resolve
@@ -77,6 +81,86 @@ def test_tiled_diffusion_matches_untiled_within_0_05_db(trained_tiny) -> None:
     edges = [s.hr0 for s in plan_axis(64, 192, 40, 16)[1:]] + [s.hr1 for s in plan_axis(64, 192, 40, 16)[:-1]]
     step = (tiled[..., 1:] - tiled[..., :-1]).abs().mean(dim=(0, 1, 2))
     assert step[[e - 1 for e in edges]].mean() <= 1.5 * step.mean()
+
+
+def _one_level_idm() -> IDM:
+    """An untrained IDM whose only global operations are its GroupNorm layers: one UNet
+    level (no down-sampling) and no attention, so its receptive field is a few dozen HR px."""
+    torch.manual_seed(0)
+    return IDM(dataclasses.replace(TINY, channel_mults=(1,), attention_levels=(), mid_attention=False)).eval()
+
+
+def test_image_norm_tiles_a_groupnorm_network_like_the_whole_image() -> None:
+    """With the whole image's GroupNorm statistics (norm="image") and context beyond the
+    receptive field, tiled sampling gives the untiled output; with each tile's own
+    statistics (norm="tile") it does not. x3 from 20 x 30 px, 3 x 4 tiles. (Not x2.5:
+    there some HR pixel centres fall exactly on LR pixel edges, and the encoder's
+    nearest-feature lookup breaks those ties differently in floating point for a tile.)"""
+    model, schedule, steps = _one_level_idm(), make_schedule("linear", 1000), spaced_timesteps(1000, 3)
+    lr, size = _image(20, 30), (60, 90)
+    kw = dict(schedule=schedule, sampler=sample_ddim, eta=0.0, clip_x0=False)
+    whole = super_resolve(model, lr, size, steps, generator=torch.Generator().manual_seed(2), **kw)
+    out = {norm: tiled_super_resolve(model, lr, size, steps, tile=10, overlap=3, context=48, norm=norm,
+                                     generator=torch.Generator().manual_seed(2), **kw) for norm in ("tile", "image")}
+    assert out["image"].shape == whole.shape == (1, 3, 60, 90)
+    torch.testing.assert_close(out["image"], whole, atol=2e-4, rtol=0)
+    assert (out["tile"] - whole).abs().max() > 1e-2
+    assert all(not h for n in ImageNorm(model).norms for h in (n._forward_hooks,))  # hooks removed
+
+
+def test_diffusion_sr_tiles_with_its_tile_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DiffusionSR (what evaluate, the pyfunc model and `idm upscale` use) passes its
+    tile_norm on when an output is over its memory bound, and rejects unknown ones."""
+    model, size = _one_level_idm(), (60, 90)
+    lr = ((_image(20, 30)[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    bound = estimate_peak_bytes(model.cfg, size) - 1
+    assert choose_tile(model.cfg, (20, 30), size, max_bytes=bound, overlap=2, context=16, norm="image") is not None
+    seen, original = [], tiling.tiled_super_resolve
+    monkeypatch.setattr(methods, "tiled_super_resolve", lambda *a, **k: seen.append(k["norm"]) or original(*a, **k))
+    kw = dict(schedule=make_schedule("linear", 1000), timesteps=spaced_timesteps(1000, 2), clip_x0=False)
+    untiled = methods.DiffusionSR(model, **kw)(lr, size)
+    tiled = {norm: methods.DiffusionSR(model, max_bytes=bound, overlap=2, context=16, tile_norm=norm, **kw)(lr, size)
+             for norm in ("tile", "image")}
+    assert seen == ["tile", "image"]
+    difference = {norm: np.abs(out.astype(int) - untiled).max() for norm, out in tiled.items()}
+    assert difference["image"] <= 1 < difference["tile"]
+    with pytest.raises(ValueError, match="unknown tile norm 'batch'"):
+        methods.DiffusionSR(model, tile_norm="batch", **kw)
+
+
+def test_image_norm_outside_run_changes_nothing() -> None:
+    model = _one_level_idm()
+    x, gamma = torch.randn(1, 3, 20, 20), torch.full((1,), 0.5)
+    cond = model.condition(_image(10, 10), (20, 20))
+    with torch.no_grad():
+        before = model(x, gamma, cond)
+        with ImageNorm(model) as norm:
+            inside = model(x, gamma, cond)
+            # one tile covering the image: run() must reproduce the plain forward
+            (ran,) = norm.run([(lambda: model(x, gamma, cond), torch.ones(20, 20))])
+        after = model(x, gamma, cond)
+    torch.testing.assert_close(inside, before, atol=0, rtol=0)
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    torch.testing.assert_close(ran, before, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="context manager"):
+        ImageNorm(model).run([(lambda: model(x, gamma, cond), torch.ones(20, 20))])
+    with pytest.raises(ValueError, match="unknown tile norm 'batch'"):
+        tiled_super_resolve(model, _image(10, 10), (20, 20), [1], schedule=make_schedule("linear", 1000),
+                            tile=4, overlap=1, norm="batch")
+
+
+def test_image_norm_brings_the_full_model_closer_to_untiled(trained_tiny) -> None:
+    """The tiny preset (three levels, attention): whole-image GroupNorm statistics make the
+    tiled output agree with the untiled one far better than per-tile statistics; what is
+    left comes from attention and the receptive field beyond the tile's context."""
+    model, schedule = trained_tiny
+    lr, size, steps = resize(_image(144, 192), (48, 64)).clamp(-1, 1), (144, 192), spaced_timesteps(1000, 3)
+    kw = dict(schedule=schedule, sampler=sample_ddim, eta=0.0)
+    whole = super_resolve(model, lr, size, steps, generator=torch.Generator().manual_seed(1), **kw)
+    agreement = {norm: _psnr(tiled_super_resolve(model, lr, size, steps, tile=24, overlap=8, context=24, norm=norm,
+                                                 generator=torch.Generator().manual_seed(1), **kw), whole)
+                 for norm in ("tile", "image")}
+    assert agreement["image"] >= agreement["tile"] + 5, agreement  # measured 41.4 vs 35.1 dB
 
 
 def _local_strided_net(seed: int = 0):
@@ -213,3 +297,7 @@ def test_choose_tile_fits_the_bound() -> None:
     assert choose_tile(TINY, (512, 512), (2048, 2048), max_bytes=bound, overlap=16) > tile
     with pytest.raises(ValueError, match="no tile"):
         choose_tile(TINY, (512, 512), (2048, 2048), max_bytes=2**20, overlap=16)
+    # norm="image" holds the sampler's state for the whole image too: more memory, a smaller tile
+    image = estimate_tiled_peak_bytes(TINY, (512, 512), (2048, 2048), tile=tile, overlap=16, context=32, norm="image")
+    assert image - fits == 4 * 8 * 2048 * 2048
+    assert choose_tile(TINY, (512, 512), (2048, 2048), max_bytes=bound, overlap=16, context=32, norm="image") < tile
