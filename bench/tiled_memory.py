@@ -1,12 +1,13 @@
 """Peak memory of a 512x512 -> 2048x2048 upscale with tiling, measured in a subprocess.
 
 Usage: python -m bench.tiled_memory [--bounds 1.5] [--lr 512] [--scale 4] [--steps 2]
-                                    [--overlap 16] [--preset tiny] [--threads 2]
+                                    [--overlap 16] [--preset tiny] [--threads 2] [--norms tile image]
 
 For each memory bound (GiB), idm.tiling.choose_tile picks the largest tile whose
 estimated peak fits, and a fresh Python process runs the tiled DDIM upscale (the
 tiny preset, random weights, --steps steps: memory does not depend on the weights or
-the step count). The parent reads the child's peak RSS from the kernel
+the step count), once per --norms entry (idm.tiling.tiled_super_resolve's norm:
+"image" is ~15-20x slower). The parent reads the child's peak RSS from the kernel
 (os.wait4, the per-child form of getrusage(RUSAGE_CHILDREN)). The untiled run is
 only estimated: at this size its attention maps alone would need hundreds of GiB.
 """
@@ -27,7 +28,8 @@ import torch  # noqa: E402
 
 from bench.per_step import load_average  # noqa: E402
 from idm.config import MODEL_PRESETS  # noqa: E402
-from idm.tiling import choose_tile, estimate_peak_bytes, estimate_tiled_peak_bytes, plan_axis  # noqa: E402
+from idm.tiling import (TILE_NORMS, choose_tile, estimate_peak_bytes, estimate_tiled_peak_bytes,  # noqa: E402
+                        plan_axis)
 
 GIB = 2**30
 
@@ -47,7 +49,7 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     steps, schedule = spaced_timesteps(1000, args.steps), make_schedule("linear", 1000)
     out = tiled_super_resolve(model, lr, size, steps, schedule=schedule, sampler=sample_ddim, eta=0.0,
-                              tile=args.tile, overlap=args.overlap, context=args.context,
+                              tile=args.tile, overlap=args.overlap, context=args.context, norm=args.norm,
                               generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, *size)
     print(f"{time.perf_counter() - start:.1f}")
@@ -56,7 +58,7 @@ def child(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace, tile: int) -> tuple[float, float]:
     """(peak RSS in bytes, seconds) of a child process running the upscale with `tile`."""
     cmd = [sys.executable, "-m", "bench.tiled_memory", "--child", "--tile", str(tile)] + [
-        f"--{k}={getattr(args, k)}" for k in ("lr", "scale", "steps", "overlap", "context", "preset", "threads")]
+        f"--{k}={getattr(args, k)}" for k in ("lr", "scale", "steps", "overlap", "context", "preset", "threads", "norm")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage (ru_maxrss in KiB on Linux)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -76,7 +78,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64, help="HR px of extra input around each tile")
     parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--norms", nargs="+", default=["tile"], choices=list(TILE_NORMS),
+                        help="GroupNorm statistics per tile or of the whole image")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--norm", default="tile", help=argparse.SUPPRESS)
     parser.add_argument("--tile", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -85,19 +90,21 @@ def main() -> None:
     print(f"load average before: {load_average()}")
     print(f"{args.preset} preset, {args.lr}x{args.lr} -> {size[0]}x{size[1]}, DDIM {args.steps} steps, "
           f"overlap {args.overlap} LR px, context {args.context} HR px; untiled estimate {estimate_peak_bytes(cfg, size) / GIB:.0f} GiB\n")
-    rows = ["| bound (GiB) | tile (LR px) | tiles | estimated peak (GiB) | measured peak RSS (GiB) | s |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| norm | bound (GiB) | tile (LR px) | tiles | estimated peak (GiB) | measured peak RSS (GiB) | s |",
+            "|---|---|---|---|---|---|---|"]
     for bound in args.bounds:
-        tile = choose_tile(cfg, (args.lr,) * 2, size, max_bytes=int(bound * GIB), overlap=args.overlap,
-                           context=args.context)
-        tile = tile or args.lr
-        n = len(plan_axis(args.lr, size[0], tile, args.overlap)) ** 2
-        estimate = estimate_tiled_peak_bytes(cfg, (args.lr,) * 2, size, tile=tile, overlap=args.overlap,
-                                             context=args.context)
-        peak, seconds = measure(args, tile)
-        rows.append(f"| {bound:g} | {tile} | {n} | {estimate / GIB:.2f} "
-                    f"| {peak / GIB:.2f} | {seconds:.0f} |")
-        print(rows[-1], flush=True)
+        for norm in args.norms:
+            tile = choose_tile(cfg, (args.lr,) * 2, size, max_bytes=int(bound * GIB), overlap=args.overlap,
+                               context=args.context, norm=norm)
+            tile = tile or args.lr
+            n = len(plan_axis(args.lr, size[0], tile, args.overlap)) ** 2
+            estimate = estimate_tiled_peak_bytes(cfg, (args.lr,) * 2, size, tile=tile, overlap=args.overlap,
+                                                 context=args.context, norm=norm)
+            args.norm = norm
+            peak, seconds = measure(args, tile)
+            rows.append(f"| {norm} | {bound:g} | {tile} | {n} | {estimate / GIB:.2f} "
+                        f"| {peak / GIB:.2f} | {seconds:.0f} |")
+            print(rows[-1], flush=True)
     print("\n" + "\n".join(rows))
     print(f"(all children: getrusage(RUSAGE_CHILDREN) max RSS "
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.2f} GiB)")
