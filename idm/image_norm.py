@@ -22,7 +22,8 @@ statistics, summing those, and running again with the sums. Tile-normalised inpu
 have statistics up to 20% off the image's at later layers, and a second pass with them
 lost 2.2 dB; more passes oscillate (-17 dB). The waves are the fixed point reached one
 layer at a time, which is exact (tiled minus untiled -0.006 dB where per-tile
-statistics gave -0.104, Set14 `zebra` x2, 48 px tiles).
+statistics gave -0.104, Set14 `zebra` x2, 48 px tiles). Statistics are all this
+fixes: what lies beyond a tile's context still differs (idm.tiling).
 
 Why by hand: tiled-VAE implementations (e.g. the MultiDiffusion upscaler for Stable
 Diffusion) hold every tile's activations at once to synchronise GroupNorm, which

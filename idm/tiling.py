@@ -21,12 +21,15 @@ tiled minus untiled Y-PSNR): with 32 HR px of context Set5 at x3 with 32 px tile
 up to 0.20 dB; with 64 (the default, `sample.tile_context`) and 48 px tiles, 55 of the
 63 tiled image x scale cases of the held-out photos, Set5 and Set14 are within 0.05 dB,
 the worst -0.126 dB (Set14 `monarch`, x3, 384 px crop; table in bench/README.md): the
-smaller a part of a varied image a tile is, the larger the gap. The rest is GroupNorm:
-each tile normalises with its own statistics (norm="tile", the default: fast). With
-norm="image" the tiles run in step and normalise with the whole image's statistics,
-found tile by tile in bounded memory (`idm.image_norm`): `zebra` x2 went from -0.105
-to -0.006 dB, for ~15-20x the compute. Larger tiles (what `choose_tile` picks under a
-memory bound) make the per-tile gap smaller.
+smaller a part of a varied image a tile is, the larger the gap. Two causes remain.
+GroupNorm: each tile normalises with its own statistics (norm="tile", the default:
+fast). With norm="image" the tiles run in step and normalise with the whole image's
+statistics, found tile by tile in bounded memory (`idm.image_norm`), for ~15-20x the
+compute: `zebra` x2 went from -0.105 to -0.006 dB, Set14 `pepper` x3 (384 px) from
+-0.117 to -0.038. And the receptive field: `monarch` x3 stayed at -0.118 with
+whole-image statistics (and at -0.127 without attention), but went to -0.013 dB with
+128 HR px of context, per-tile statistics. Larger tiles (what `choose_tile` picks
+under a memory bound) make both gaps smaller.
 
 Noise. For a diffusion sampler to give the same picture tiled and untiled, x_T is
 drawn once for the whole HR image and each tile receives its crop (`noise=` of
@@ -237,8 +240,9 @@ def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], tim
     GroupNorm layers normalising with the tile's statistics; "image" runs the tiles in
     step, blending their predictions into one whole-image x_t at every step, with the
     whole image's GroupNorm statistics (`idm.image_norm`): the same picture as the
-    untiled run up to the tiles' limited context, in the same memory, for ~15-20x the
-    compute of "tile" with the default model.
+    untiled run up to what lies beyond a tile's context (its convolutions' reach and
+    its attention), in the same memory, for ~15-20x the compute of "tile" with the
+    default model.
     """
     check_temperature(temperature)
     if norm not in TILE_NORMS:
