@@ -8,8 +8,9 @@ estimated peak fits, and a fresh Python process runs the tiled DDIM upscale (the
 tiny preset, random weights, --steps steps: memory does not depend on the weights or
 the step count), once per --norms entry (idm.tiling.tiled_super_resolve's norm:
 "image" is ~15-20x slower). The parent reads the child's peak RSS from the kernel
-(os.wait4, the per-child form of getrusage(RUSAGE_CHILDREN)). The untiled run is
-only estimated: at this size its attention maps alone would need hundreds of GiB.
+(os.wait4, the per-child form of getrusage(RUSAGE_CHILDREN)). A bound above the untiled
+estimate runs the whole image as one tile: that measures an untiled run (how
+idm.tiling.estimate_peak_bytes is calibrated, e.g. --lr 128 --bounds 1000 --steps 1).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def measure(args: argparse.Namespace, tile: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bounds", type=float, nargs="+", default=[1.5], help="GiB; 4 takes ~8 min (quadratic attention in big tiles)")
+    parser.add_argument("--bounds", type=float, nargs="+", default=[1.5], help="GiB; 4 takes ~12 min at 1 thread (4 big tiles: attention's compute "
+                        "grows with the square of a tile's pixels)")
     parser.add_argument("--lr", type=int, default=512)
     parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=2)

@@ -16,20 +16,14 @@ slightly shifted or stretched one.
 
 How much context, and what remains. The denoiser's receptive field is wide (three
 levels, attention at the coarsest), so a tile matches the untiled run only as far as its
-input resembles the whole image. Measured with the default model (`bench/tiled_seams`,
-tiled minus untiled Y-PSNR): with 32 HR px of context Set5 at x3 with 32 px tiles lost
-up to 0.20 dB; with 64 (the default, `sample.tile_context`) and 48 px tiles, 55 of the
-63 tiled image x scale cases of the held-out photos, Set5 and Set14 are within 0.05 dB,
-the worst -0.126 dB (Set14 `monarch`, x3, 384 px crop; table in bench/README.md): the
-smaller a part of a varied image a tile is, the larger the gap. Two causes remain.
+input resembles the whole image: the smaller a part of a varied image a tile is, the
+larger the gap (`bench/tiled_seams.py`; tables in bench/README.md). Two causes remain.
 GroupNorm: each tile normalises with its own statistics (norm="tile", the default:
 fast). With norm="image" the tiles run in step and normalise with the whole image's
 statistics, found tile by tile in bounded memory (`idm.image_norm`), for ~15-20x the
-compute: `zebra` x2 went from -0.105 to -0.006 dB, Set14 `pepper` x3 (384 px) from
--0.117 to -0.038. And the receptive field: `monarch` x3 stayed at -0.118 with
-whole-image statistics (and at -0.127 without attention), but went to -0.013 dB with
-128 HR px of context, per-tile statistics. Larger tiles (what `choose_tile` picks
-under a memory bound) make both gaps smaller.
+compute. And the receptive field beyond a tile's `context`, which more context closes
+for more compute. Tiles as large as the memory bound allows (`choose_tile`, what
+`idm upscale` uses) keep both gaps small.
 
 Noise. For a diffusion sampler to give the same picture tiled and untiled, x_T is
 drawn once for the whole HR image and each tile receives its crop (`noise=` of
@@ -38,8 +32,9 @@ fresh noise per tile at every step; only deterministic samplers (DDIM, eta = 0) 
 tiles agree on their overlaps up to the tile's limited context.
 
 Memory. `estimate_peak_bytes` predicts the peak memory of an untiled run from the
-model config and output size; the attention maps grow with the square of the pixel
-count and dominate large outputs. `choose_tile` picks the largest tile under a bound.
+model config and output size. It grows linearly with the pixel count: self-attention
+runs in SDPA's blocked (flash) kernel and holds no N x N map (its compute still grows
+with N^2). `choose_tile` picks the largest tile under a bound.
 """
 
 from __future__ import annotations
@@ -335,12 +330,14 @@ def _image_norm_sample(model: nn.Module, lr: Tensor, size: tuple[int, int], time
 
 # Python and torch before the model runs: ~0.7 GiB RSS for this torch build (measured).
 RUNTIME_BYTES = 768 * 2**20
-# Self-attention keeps ~2.5 N x N float32 maps alive at once: SDPA falls back to its
-# math kernel for the strided q, k, v of idm.models.layers.SelfAttention (measured).
-ATTENTION_MAPS = 3
-# Temporaries the per-tensor count below leaves out, and allocator slack: measured
-# peaks are 1.3-1.9x the counted activations.
-ACTIVATION_SLACK = 2
+# Self-attention holds its contiguous q, k, v, the output and its transpose: 5 C x N
+# floats. SDPA's flash kernel works in blocks and holds no N x N map (measured:
+# idm.models.layers.SelfAttention).
+ATTENTION_COPIES = 5
+# Temporaries the per-tensor count below leaves out, and allocator slack: measured peaks
+# are 0.8-1.15x the counted activations (untiled, tiny 256-1536 px, paper 256-512 px);
+# 1.5 keeps the estimate 1.05-1.5x above them.
+ACTIVATION_SLACK = 1.5
 
 
 def _level_pixels(size: tuple[int, int], levels: int) -> list[int]:
@@ -357,13 +354,13 @@ def _param_count(cfg: ModelConfig) -> int:
 def estimate_peak_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int = 1) -> int:
     """Estimated peak memory (bytes, float32, whole process) of one untiled run of a
     `cfg` model at output size (H, W): runtime + weights + what a denoising step keeps
-    alive at once. Calibrated against measured peak RSS (tiny 64-512 px, paper 128-256 px):
-    1.0-1.4x of it.
+    alive at once. Calibrated against measured peak RSS (`bench.tiled_memory --bounds 1000`:
+    tiny 256-1536 px, paper 128-512 px): 1.05-1.5x of it.
 
     Held through the step: condition (x_con and pyramid), sampler state and the UNet
-    skips. On top, the largest transient: an attention level's N x N maps (N pixels of
-    that level), a decoder residual block, or an implicit up-step (hidden width at the
-    finer level's resolution).
+    skips. On top, the largest transient: a decoder residual block, an implicit up-step
+    (hidden width at the finer level's resolution) or an attention level's copies of
+    its input. All of it grows linearly with the pixel count.
     """
     ch, n = cfg.channels, _level_pixels(size, len(cfg.channels))
     held = 3 * n[0] * 6 + sum(c * p for c, p in zip(ch, n))  # x_con, x_t, x0, eps..; pyramid
@@ -372,9 +369,9 @@ def estimate_peak_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int =
     blocks = [6 * (2 * c) * p for c, p in zip(ch, n)]  # residual block on a concat input
     blocks += [(3 * ch[i + 1] + 8 + 2 * cfg.implicit_hidden) * n[i] for i in range(len(ch) - 1)]
     levels = list(cfg.attention_levels) + ([len(ch) - 1] if cfg.mid_attention else [])
-    attention = [ATTENTION_MAPS * n[i] ** 2 for i in levels]
-    activations = ACTIVATION_SLACK * (held + max(blocks)) + max(attention, default=0)
-    return RUNTIME_BYTES + 4 * (_param_count(cfg) + batch * activations)
+    blocks += [ATTENTION_COPIES * ch[i] * n[i] for i in levels]
+    activations = ACTIVATION_SLACK * (held + max(blocks))
+    return RUNTIME_BYTES + 4 * (_param_count(cfg) + math.ceil(batch * activations))
 
 
 def check_memory(cfg: ModelConfig, size: tuple[int, int], *, max_bytes: int, batch: int = 1) -> None:
@@ -419,8 +416,8 @@ def choose_tile(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int
     `max_bytes`; None if the whole image fits untiled. Raises ValueError if not even a
     tile of overlap + 1 px fits.
 
-    The largest tile wastes least work on overlaps and context, but attention costs grow
-    with the square of a tile's pixels, so a smaller tile can be faster at large sizes.
+    The largest tile wastes least work on overlaps and context, but attention's compute
+    grows with the square of a tile's pixels, so a smaller tile can be faster at large sizes.
     """
     if estimate_peak_bytes(cfg, size, batch=batch) <= max_bytes:
         return None

@@ -8,10 +8,12 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from idm.config import MODEL_PRESETS, DiffusionConfig, ModelConfig
 from idm.coords import make_cell, make_coord, nearest_source, query_nearest
 from idm.models import IDM, Condition, scale_code
+from idm.models.layers import SelfAttention
 
 # Small enough for fast CPU tests, yet with every part: attention, 3 levels, odd sizes.
 TEST_CFG = replace(MODEL_PRESETS["tiny"], encoder_channels=8, base_channels=8, norm_groups=4,
@@ -55,6 +57,27 @@ def test_odd_target_size_and_gradients(model: IDM) -> None:
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     model.zero_grad(set_to_none=True)
     assert missing == []
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_self_attention_is_softmax_attention_and_takes_the_flash_kernel_in_inference(grad: bool) -> None:
+    """Only SDPA's flash kernel allowed, inference raises unless q, k, v have the layout
+    that kernel needs (strided ones fall back to the math kernel's N x N maps, which made
+    large outputs need tiling). Training keeps the math kernel (idm.models.layers). Both
+    give plain softmax attention."""
+    torch.manual_seed(0)
+    layer, x = SelfAttention(16, groups=4), torch.randn(2, 16, 6, 7, requires_grad=grad)
+    backends = [SDPBackend.MATH] if grad else [SDPBackend.FLASH_ATTENTION]
+    with torch.set_grad_enabled(grad), sdpa_kernel(backends):
+        y = layer(x)
+    if grad:
+        y.sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        q, k, v = layer.qkv(layer.norm(x)).flatten(2).chunk(3, dim=1)  # (B, C, N) each
+        weights = torch.softmax(q.transpose(1, 2) @ k / 16**0.5, dim=-1)  # (B, N, N)
+        expected = x + layer.out((v @ weights.transpose(1, 2)).reshape(2, 16, 6, 7))
+    torch.testing.assert_close(y.detach(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_scale_code_is_log_scale() -> None:
