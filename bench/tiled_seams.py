@@ -1,10 +1,12 @@
 """Tiled vs untiled IDM output on images small enough to run untiled: the PSNR difference.
 
 Usage: python -m bench.tiled_seams [CHECKPOINT] [--scales 2 2.5 3 4] [--tiles 32:8:0 32:8 48:16 48:16:64:image auto:8]
-           [--folder ../shared/datasets/Set14 --crop 192] [--only zebra monarch]
+           [--folder ../shared/datasets/Set14 --crop 192 [--as-lr]] [--only zebra monarch]
 Upscales the held-out test images of the default pipeline (`data/prepared`), or with
 --folder that folder's images centre-cropped to --crop HR px and paired with their
-bicubic LR, with the sampling settings of params.yaml, once untiled and once tile by
+bicubic LR (with --as-lr the images themselves are the LR inputs, upscaled past any
+ground truth: for outputs larger than the memory bound; only the agreement is printed),
+with the sampling settings of params.yaml, once untiled and once tile by
 tile (tile:overlap:context:norm: tile and overlap in LR px, context in HR px,
 defaulting to params.yaml's tile_context, norm "tile" or "image" (idm.image_norm),
 defaulting to params.yaml's tile_norm; from the same whole-image x_T; tile "auto" is
@@ -40,14 +42,16 @@ from idm.tiling import choose_tile, tiled_super_resolve
 from pipeline.params import ROOT, SampleParams, load
 
 
-def test_images(args: argparse.Namespace) -> Iterator[tuple[str, float, np.ndarray, np.ndarray]]:
-    """(name, scale, HR, LR) of the held-out photos in data/prepared, or of --folder's images."""
+def test_images(args: argparse.Namespace) -> Iterator[tuple[str, float, np.ndarray | None, np.ndarray]]:
+    """(name, scale, HR, LR) of the held-out photos in data/prepared, or of --folder's images
+    (with --as-lr: (name, scale, None, image), the image cropped and used as the LR input)."""
     if args.folder is not None:
         for path in list_images(args.folder):
             if args.only and path.stem not in args.only:
                 continue
+            image = center_crop(read_image(path), args.crop)
             for scale in args.scales:
-                yield (path.stem, scale, *make_pair(center_crop(read_image(path), args.crop), scale))
+                yield (path.stem, scale, None, image) if args.as_lr else (path.stem, scale, *make_pair(image, scale))
         return
     prepared = ROOT / "data" / "prepared"
     manifest = pd.read_csv(prepared / "manifest.csv")
@@ -75,6 +79,8 @@ def summary(spec: str, diffs: list[tuple[float, float]]) -> str:
     tiled = [d for d, agreement in diffs if math.isfinite(agreement)]
     if not tiled:
         return f"{spec}: no case was tiled"
+    if all(math.isnan(d) for d in tiled):  # --as-lr: agreement only
+        return f"{spec}: {len(tiled)} tiled, lowest agreement {min(a for _, a in diffs if math.isfinite(a)):.1f} dB"
     worst = max(tiled, key=abs)
     within = sum(abs(d) <= 0.05 for d in tiled)
     return f"{spec}: {within} of {len(tiled)} within 0.05 dB, worst {worst:+.3f}"
@@ -92,6 +98,9 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="a folder of test images instead of the held-out photos")
     parser.add_argument("--crop", type=int, default=192, help="with --folder: HR centre crop (px)")
     parser.add_argument("--only", nargs="+", help="only these images (file stems)")
+    parser.add_argument("--as-lr", action="store_true",
+                        help="with --folder: the (cropped) images are the LR inputs; no ground truth, "
+                             "only the tiled output's agreement with the untiled one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     s = load(ROOT / "params.yaml").sample
@@ -103,9 +112,12 @@ def main() -> None:
             "|---|---|" + "---|" * len(args.tiles)]
     results: dict[str, list[tuple[float, float]]] = {spec: [] for spec in args.tiles}
     for name, scale, hr, lr in test_images(args):
-        x, size, border = to_model_range(lr, "cpu"), hr.shape[:2], metrics.border_for(scale)
+        x, border = to_model_range(lr, "cpu"), metrics.border_for(scale)
+        size = hr.shape[:2] if hr is not None else tuple(round(scale * n) for n in lr.shape[:2])
 
         def psnr(out: torch.Tensor) -> float:
+            if hr is None:  # --as-lr: no ground truth
+                return math.nan
             return metrics.psnr(to_uint8(out), hr, border=border, y_channel=True)
 
         with torch.inference_mode():
@@ -132,7 +144,9 @@ def main() -> None:
                 diff = psnr(tiled) - untiled
                 results[spec].append((diff, agreement))
                 label = f"{tile} px: " if spec.startswith("auto") else ""
-                diffs.append(f"{label}{diff:+.3f} ({agreement:.1f}) {ratio:.1f}x")
+                shown = f"{diff:+.3f} " if hr is not None else ""
+                diffs.append(f"{label}{shown}({agreement:.1f}) {ratio:.1f}x")
+        name = name if hr is not None else f"{name} {lr.shape[1]}x{lr.shape[0]}"
         rows.append(f"| {name} | x{scale:g} | " + " | ".join(diffs) + " |")
         print(rows[-1], flush=True)
     print(f"\n{args.checkpoint}: tiled minus untiled Y-PSNR (dB), {s.sampler} {s.steps} steps, "
