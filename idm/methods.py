@@ -106,16 +106,21 @@ class DiffusionSR:
         generator = torch.Generator(self.device).manual_seed(self.seed)
         kwargs = dict(schedule=self.schedule, sampler=self.sampler, eta=self.eta, clip_x0=self.clip_x0,
                       temperature=self.temperature, decode=self._decode, generator=generator)
-        tile = None
-        if self.max_bytes is not None:
-            tile = choose_tile(self.model.cfg, lr.shape[:2], size, max_bytes=self.max_bytes, overlap=self.overlap,
-                               context=self.context, norm=self.tile_norm)
+        tile = self.tile_for(lr.shape[:2], size)
         if tile is None:
             image = super_resolve(self.model, x_lr, size, self.timesteps, **kwargs)
         else:
             image = tiled_super_resolve(self.model, x_lr, size, self.timesteps, tile=tile, overlap=self.overlap,
                                         context=self.context, norm=self.tile_norm, **kwargs)
         return to_uint8(image)
+
+    def tile_for(self, lr_size: tuple[int, int], size: tuple[int, int]) -> int | None:
+        """The square LR tile side an (h, w) -> `size` upscale runs in (`idm.tiling.choose_tile`
+        under `max_bytes`), or None when it runs in one piece."""
+        if self.max_bytes is None:
+            return None
+        return choose_tile(self.model.cfg, tuple(lr_size), tuple(size), max_bytes=self.max_bytes,
+                           overlap=self.overlap, context=self.context, norm=self.tile_norm)
 
     def use_int8(self, path: str | Path) -> DiffusionSR:
         """Swap in the int8 denoiser saved at `path` (idm.quantize); int8 kernels run on CPU only."""

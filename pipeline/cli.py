@@ -94,7 +94,7 @@ def upscale(args: argparse.Namespace) -> None:
     images = {path: read_image(path) for path in args.images}
     sizes = {path: output_size(path, lr.shape, args) for path, lr in images.items()}
     method = load_method(args)
-    from idm.tiling import check_memory
+    from idm.tiling import check_memory, estimate_peak_bytes, tile_starts
 
     for path, lr in tqdm(images.items(), desc="upscale", unit="image", disable=len(images) < 2):
         size = sizes[path]
@@ -103,7 +103,14 @@ def upscale(args: argparse.Namespace) -> None:
         suffix = f"x{args.scale:g}" if args.scale else f"{size[1]}x{size[0]}"
         out = args.out / f"{Path(path).stem}_{suffix}.png"
         write_image(out, method(lr, size))
-        print(f"{path} ({lr.shape[1]}x{lr.shape[0]}) -> {out} ({size[1]}x{size[0]})")
+        tiled = ""
+        tile = method.tile_for(lr.shape[:2], size)
+        if tile is not None:  # say so: a tiled output can differ slightly from one run in one piece (README)
+            count = len(tile_starts(lr.shape[0], tile, method.overlap)) * len(tile_starts(lr.shape[1], tile, method.overlap))
+            need = estimate_peak_bytes(method.model.cfg, size) / 2**30
+            tiled = (f" in {count} tiles of {tile} LR px (in one piece it would need ~{need:.2f} GiB, "
+                     f"above --max-memory-gb {args.max_memory_gb:g})")
+        print(f"{path} ({lr.shape[1]}x{lr.shape[0]}) -> {out} ({size[1]}x{size[0]}){tiled}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,7 @@ def test_upscale_to_size(tmp_path, checkpoint):
     r = idm("upscale", tmp_path / "a.png", "--size", "57x31", "--model", checkpoint, "--steps", "1", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert read_image(tmp_path / "a_57x31.png").shape == (31, 57, 3)
+    assert r.stdout.strip().endswith("(57x31)")  # one piece: no tiling to report
 
 
 def test_tiled_output_matches_requested_size(tmp_path, checkpoint):
@@ -63,6 +64,7 @@ def test_tiled_output_matches_requested_size(tmp_path, checkpoint):
             "--max-memory-gb", "0.82", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert read_image(tmp_path / "a_x8.png").shape == (320, 320, 3)
+    assert "(320x320) in 4 tiles of 25 LR px (in one piece it would need ~0.84 GiB, above --max-memory-gb 0.82)" in r.stdout
 
 
 @pytest.mark.parametrize(
