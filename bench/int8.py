@@ -75,7 +75,7 @@ def pt2e_step(model: IDM, lr: torch.Tensor, size: tuple[int, int],
 
     with torch.no_grad():
         cond = model.condition(lr, size)
-    x = torch.cat([cond.x_con, torch.randn(lr.shape[0], 3, *size)], dim=1)
+    x = model.unet_input(torch.randn(lr.shape[0], 3, *size), cond)
     gamma = torch.full((lr.shape[0],), 0.5)
     args = (x, gamma, cond.pyramid, cond.code)
     auto = {2: Dim.AUTO, 3: Dim.AUTO}

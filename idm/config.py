@@ -30,7 +30,8 @@ def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
 class ModelConfig:
     """Every architectural knob of IDM; the defaults are the paper's (~100M params).
 
-    Level i of the UNet works at ceil(H / 2**i) x ceil(W / 2**i) with
+    Level i of the UNet works at H' / 2**i x W' / 2**i (H', W': the output size
+    rounded up to a multiple of 2**(len(channel_mults) - 1), `IDM.canvas`) with
     base_channels * channel_mults[i] channels; the decoder has res_blocks + 1 residual
     blocks per level (as SR3) and one LR feature map per level.
     """

@@ -12,7 +12,11 @@ sees more than the tile (`input_span`): `context` HR pixels (rounded up to whole
 pixels) on every side, so that no output it keeps is computed from zero padding, with
 its ends moved onto the whole image's grids (HR pixel centres and the UNet's stride-2
 grids), so that a tile is computed as the same part of the whole picture and not as a
-slightly shifted or stretched one.
+slightly shifted or stretched one. The UNet runs every input, tile or whole image, on a
+canvas whose sides are multiples of its coarsest stride (`IDM.canvas`), so its levels
+do not drift with the input's size: without GroupNorm and attention, a tile whose
+context covers the receptive field gives the untiled output exactly
+(tests/test_models.py).
 
 How much context, and what remains. The denoiser's receptive field is wide (three
 levels, attention at the coarsest), so a tile matches the untiled run only as far as its
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from idm.config import ModelConfig
@@ -301,6 +306,11 @@ def _image_norm_sample(model: nn.Module, lr: Tensor, size: tuple[int, int], time
     """
     tiles = [_Tile(t.lr, t.hr, t.share.to(x_T)) for t in
              _tiles(tuple(lr.shape[-2:]), size, tile=tile, overlap=overlap, context=context, align=align)]
+    # GroupNorm sees each tile on the UNet's canvas (idm.models.IDM.canvas): its shares
+    # there, with the edge repeated as the canvas repeats the image's, so a tile that
+    # ends where the image does counts the rows the untiled canvas adds, exactly once.
+    canvas_share = [F.pad(t.share[None, None], _canvas_padding(model, t.share.shape), mode="replicate")[0, 0]
+                    for t in tiles]
 
     def condition(t: _Tile):
         return model.condition(lr[(..., *t.lr)], (t.hr[0].stop - t.hr[0].start, t.hr[1].stop - t.hr[1].start))
@@ -313,7 +323,8 @@ def _image_norm_sample(model: nn.Module, lr: Tensor, size: tuple[int, int], time
         def denoise(x_t: Tensor, noise_level: Tensor, _cond: None) -> Tensor:
             """The denoiser on the whole image: every tile's prediction, blended."""
             out = torch.zeros_like(x_t)
-            norm.run([(functools.partial(add_tile_eps, out, t, x_t, noise_level), t.share) for t in tiles])
+            norm.run([(functools.partial(add_tile_eps, out, t, x_t, noise_level), share)
+                      for t, share in zip(tiles, canvas_share)])
             return out
 
         x0 = sampler(denoise, None, x_T, timesteps, schedule=schedule, clip_x0=clip_x0, generator=generator,
@@ -324,6 +335,12 @@ def _image_norm_sample(model: nn.Module, lr: Tensor, size: tuple[int, int], time
     for t in tiles:
         image[(..., *t.hr)] += decode(x0[(..., *t.hr)], lr[(..., *t.lr)], condition(t)) * t.share
     return image
+
+
+def _canvas_padding(model: nn.Module, size: Sequence[int]) -> tuple[int, int, int, int]:
+    """F.pad's (left, right, top, bottom) from `size` (H, W) out to the model's UNet canvas."""
+    height, width = model.canvas(tuple(size))
+    return 0, width - size[1], 0, height - size[0]
 
 
 # --- memory bound --------------------------------------------------------------------
@@ -341,8 +358,10 @@ ACTIVATION_SLACK = 1.5
 
 
 def _level_pixels(size: tuple[int, int], levels: int) -> list[int]:
-    """Pixels of each UNet level: ceil(H / 2**i) * ceil(W / 2**i)."""
-    return [math.ceil(size[0] / 2**i) * math.ceil(size[1] / 2**i) for i in range(levels)]
+    """Pixels of each UNet level on its canvas (sides rounded up to multiples of 2**(levels - 1))."""
+    stride = 2 ** (levels - 1)
+    height, width = (-(-n // stride) * stride for n in size)
+    return [(height >> i) * (width >> i) for i in range(levels)]
 
 
 @functools.lru_cache(maxsize=8)

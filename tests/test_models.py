@@ -36,8 +36,9 @@ def test_shapes_at_any_scale_and_aspect(model: IDM, lr_size: tuple[int, int], sc
         eps = model(torch.randn(2, 3, *size), torch.rand(2), cond)
     assert cond.x_con.shape == (2, 3, *size)
     assert cond.size == size and len(cond) == 2
-    expected = [(2, c, math.ceil(size[0] / 2**i), math.ceil(size[1] / 2**i))
-                for i, c in enumerate(TEST_CFG.channels)]
+    stride = 2 ** (len(TEST_CFG.channels) - 1)  # the UNet's canvas: sides rounded up to multiples of it
+    canvas = [math.ceil(n / stride) * stride for n in size]
+    expected = [(2, c, canvas[0] // 2**i, canvas[1] // 2**i) for i, c in enumerate(TEST_CFG.channels)]
     assert [tuple(p.shape) for p in cond.pyramid] == expected
     assert eps.shape == (2, 3, *size)
     assert torch.isfinite(eps).all()
@@ -57,6 +58,27 @@ def test_odd_target_size_and_gradients(model: IDM) -> None:
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     model.zero_grad(set_to_none=True)
     assert missing == []
+
+
+def test_a_crop_sees_the_same_picture_as_the_whole_image() -> None:
+    """Without GroupNorm and attention, IDM is a convolutional net: a crop that starts on
+    the coarsest grid (a multiple of 4 HR px) gives the whole image's eps exactly wherever
+    it reaches past the receptive field, whatever its size. Before the UNet ran on a
+    canvas of multiples of 4, a 213 px crop's levels (213 -> 107 -> 54) drifted apart,
+    and differently from the whole image's (240 -> 120 -> 60): 5e-3 here."""
+    cfg = replace(TEST_CFG, attention_levels=(), mid_attention=False)
+    torch.manual_seed(0)
+    model = IDM(cfg).eval()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.GroupNorm):
+                setattr(module, name, torch.nn.Identity())
+    lr, x_t, gamma = torch.rand(1, 3, 80, 80) * 2 - 1, torch.randn(1, 3, 240, 240), torch.tensor([0.5])
+    with torch.no_grad():
+        whole = model(x_t, gamma, model.condition(lr, (240, 240)))
+        crop = model(x_t[..., 12:225, 12:225], gamma, model.condition(lr[..., 4:75, 4:75], (213, 213)))
+    # HR px 108-128 are 96 px inside the crop on every side: past the receptive field.
+    torch.testing.assert_close(crop[..., 96:117, 96:117], whole[..., 108:129, 108:129], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("grad", [False, True])
