@@ -31,7 +31,7 @@ class ModelConfig:
     """Every architectural knob of IDM; the defaults are the paper's (~100M params).
 
     Level i of the UNet works at H' / 2**i x W' / 2**i (H', W': the output size
-    rounded up to a multiple of 2**(len(channel_mults) - 1), `IDM.canvas`) with
+    rounded up to a multiple of `unet_stride`, `IDM.canvas`) with
     base_channels * channel_mults[i] channels; the decoder has res_blocks + 1 residual
     blocks per level (as SR3) and one LR feature map per level.
     """
@@ -83,6 +83,13 @@ class ModelConfig:
     def channels(self) -> tuple[int, ...]:
         """Channel count of each UNet level."""
         return tuple(self.base_channels * m for m in self.channel_mults)
+
+    @property
+    def unet_stride(self) -> int:
+        """How many times smaller the UNet's coarsest level is than its finest: the levels
+        halve the size len(channel_mults) - 1 times. The UNet works on sides that are
+        multiples of it (`IDM.canvas`)."""
+        return 2 ** (len(self.channel_mults) - 1)
 
 
 @dataclass(frozen=True)

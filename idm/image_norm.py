@@ -15,15 +15,27 @@ and the run stops; the sums over all tiles give call k's statistics. One more wa
 every statistic known runs the tiles to the end. Only one tile's activations are held
 at a time, so the memory bound of tiling holds; the price is compute: L GroupNorm
 calls take L + 1 partial runs of every tile, ~(L / 2 + 1)x a plain tiled run (the
-default model's UNet has 27: ~15-20x, measured in bench/README.md).
+default model's UNet has 27, and the partial runs add up to ~12 full ones: 15-33x the
+untiled run's time, measured in bench/README.md).
 
-What was tried first and does not work: running all tiles once with their own
-statistics, summing those, and running again with the sums. Tile-normalised inputs
-have statistics up to 20% off the image's at later layers, and a second pass with them
-lost 2.2 dB; more passes oscillate (-17 dB). The waves are the fixed point reached one
-layer at a time, which is exact (tiled minus untiled -0.006 dB where per-tile
-statistics gave -0.104, Set14 `zebra` x2, 48 px tiles). Statistics are all this
-fixes: what lies beyond a tile's context still differs (idm.tiling).
+What does not work (tiled minus untiled Y-PSNR, default model, 5 DDIM steps; Set14
+`zebra` x3 in 15 tiles / Set5 `baby` x4 in 4, where per-tile statistics give +0.087 /
+-0.085 dB and the untiled run's own statistics, fed in, -0.002 / +0.009):
+- running all tiles with their own statistics, summing those, and running again with
+  the sums: -7.5 / +0.18 dB (Set14 `zebra` x2 earlier: -2.2 dB). Tile-normalised
+  inputs have statistics up to 20% off the image's at later layers;
+- the previous denoising step's exact statistics: +0.34 / +0.14 dB; one or two passes
+  refining them as above: -12 to -18 dB; three: +0.16 / +0.15 dB. Each pass's error
+  grows through the layers, and an estimate is only exact after one pass per layer;
+- the image's statistics for the first k GroupNorm calls and the tile's own after:
+  +0.05 to -0.87 dB depending on k; k = 12 gives -0.003 / +0.046 but -0.26 on Set14
+  `monarch` x3 (35 tiles), where per-tile statistics give -0.018.
+The waves are that one-pass-per-layer fixed point, each pass run only as far as it
+must; they are exact up to what lies beyond a tile's context (idm.tiling). Mixing
+across sampling steps is stable where mixing across layers is not: the image's
+statistics at the last two of the five steps only, per-tile before, gives +0.047 /
+-0.027 (and +0.047, -0.005 on `zebra` x4, `barbara` x3) for ~45% of the waves' cost,
+but with little margin; not offered.
 
 Why by hand: tiled-VAE implementations (e.g. the MultiDiffusion upscaler for Stable
 Diffusion) hold every tile's activations at once to synchronise GroupNorm, which

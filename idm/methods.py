@@ -100,13 +100,17 @@ class DiffusionSR:
                    clip_x0=diffusion.clip_x0, seed=seed, device=device, name=name, max_bytes=max_bytes,
                    overlap=overlap, context=context, temperature=temperature, tile_norm=tile_norm)
 
-    @torch.inference_mode()
     def __call__(self, lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return self.upscale(lr, size, self.tile_for(lr.shape[:2], size))
+
+    @torch.inference_mode()
+    def upscale(self, lr: np.ndarray, size: tuple[int, int], tile: int | None) -> np.ndarray:
+        """`__call__` with the tile given: `tile_for`'s choice (None: in one piece), so a
+        caller that reports how the image was split reports what ran."""
         x_lr = to_model_range(lr, self.device)
         generator = torch.Generator(self.device).manual_seed(self.seed)
         kwargs = dict(schedule=self.schedule, sampler=self.sampler, eta=self.eta, clip_x0=self.clip_x0,
                       temperature=self.temperature, decode=self._decode, generator=generator)
-        tile = self.tile_for(lr.shape[:2], size)
         if tile is None:
             image = super_resolve(self.model, x_lr, size, self.timesteps, **kwargs)
         else:

@@ -24,7 +24,7 @@ input resembles the whole image: the smaller a part of a varied image a tile is,
 larger the gap (`bench/tiled_seams.py`; tables in bench/README.md). Two causes remain.
 GroupNorm: each tile normalises with its own statistics (norm="tile", the default:
 fast). With norm="image" the tiles run in step and normalise with the whole image's
-statistics, found tile by tile in bounded memory (`idm.image_norm`), for ~15-20x the
+statistics, found tile by tile in bounded memory (`idm.image_norm`), for 15-33x the
 compute. And the receptive field beyond a tile's `context`, which more context closes
 for more compute. Tiles as large as the memory bound allows (`choose_tile`, what
 `idm upscale` uses) keep both gaps small.
@@ -121,12 +121,6 @@ def plan_axis(lr_len: int, hr_len: int, tile: int, overlap: int) -> list[Span]:
             weight[r1 - r0 - fall:] *= _ramp(fall).flip(0)
         spans.append(Span(a, b, r0, r1, weight))
     return spans
-
-
-def unet_stride(cfg: ModelConfig) -> int:
-    """How many times smaller the UNet's coarsest level is: its levels halve the size
-    len(channels) - 1 times."""
-    return 2 ** (len(cfg.channels) - 1)
 
 
 def lr_pixels(hr_pixels: int, lr_len: int, hr_len: int) -> int:
@@ -241,7 +235,7 @@ def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], tim
     step, blending their predictions into one whole-image x_t at every step, with the
     whole image's GroupNorm statistics (`idm.image_norm`): the same picture as the
     untiled run up to what lies beyond a tile's context (its convolutions' reach and
-    its attention), in the same memory, for ~15-20x the compute of "tile" with the
+    its attention), in the same memory, for 15-33x the untiled run's time with the
     default model.
     """
     check_temperature(temperature)
@@ -251,7 +245,7 @@ def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], tim
     x_T = temperature * torch.randn((lr.shape[0], 3, *size), generator=generator, device=where, dtype=lr.dtype).to(lr.device)
     extra = {} if eta is None else {"eta": eta}
     if align is None:
-        align = unet_stride(model.cfg)
+        align = model.cfg.unet_stride
     if norm == "image":
         return _image_norm_sample(model, lr, size, timesteps, x_T, schedule=schedule, sampler=sampler,
                                   clip_x0=clip_x0, decode=decode, generator=generator, tile=tile,
@@ -352,16 +346,16 @@ RUNTIME_BYTES = 768 * 2**20
 # idm.models.layers.SelfAttention).
 ATTENTION_COPIES = 5
 # Temporaries the per-tensor count below leaves out, and allocator slack: measured peaks
-# are 0.8-1.15x the counted activations (untiled, tiny 256-1536 px, paper 256-512 px);
+# are 0.8-1.15x the counted activations (untiled, tiny 256-1536 px, paper 128-512 px);
 # 1.5 keeps the estimate 1.05-1.5x above them.
 ACTIVATION_SLACK = 1.5
 
 
-def _level_pixels(size: tuple[int, int], levels: int) -> list[int]:
-    """Pixels of each UNet level on its canvas (sides rounded up to multiples of 2**(levels - 1))."""
-    stride = 2 ** (levels - 1)
+def _level_pixels(cfg: ModelConfig, size: tuple[int, int]) -> list[int]:
+    """Pixels of each UNet level on its canvas (sides rounded up to multiples of `cfg.unet_stride`)."""
+    stride = cfg.unet_stride
     height, width = (-(-n // stride) * stride for n in size)
-    return [(height >> i) * (width >> i) for i in range(levels)]
+    return [(height >> i) * (width >> i) for i in range(len(cfg.channels))]
 
 
 @functools.lru_cache(maxsize=8)
@@ -381,7 +375,7 @@ def estimate_peak_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int =
     (hidden width at the finer level's resolution) or an attention level's copies of
     its input. All of it grows linearly with the pixel count.
     """
-    ch, n = cfg.channels, _level_pixels(size, len(cfg.channels))
+    ch, n = cfg.channels, _level_pixels(cfg, size)
     held = 3 * n[0] * 6 + sum(c * p for c, p in zip(ch, n))  # x_con, x_t, x0, eps..; pyramid
     held += ch[0] * n[0] + sum(cfg.res_blocks * c * p for c, p in zip(ch, n))  # skips
     held += sum(c * p for c, p in zip(ch[:-1], n[1:]))  # down-sampled skips
@@ -423,7 +417,7 @@ def estimate_tiled_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], size: 
     `overlap` LR px, `context` HR px and `norm`: one tile's run on the largest network
     input of the plan (`input_span`, aligned to the UNet's coarsest grid), plus the
     whole-image buffers the tiling holds (`WHOLE_IMAGE_FLOATS`)."""
-    (h, w), (height, width), align = lr_size, size, unet_stride(cfg)
+    (h, w), (height, width), align = lr_size, size, cfg.unet_stride
     tile_size = (largest_input(h, height, tile=tile, overlap=overlap, context=context, align=align),
                  largest_input(w, width, tile=tile, overlap=overlap, context=context, align=align))
     return estimate_peak_bytes(cfg, tile_size, batch=batch) + 4 * WHOLE_IMAGE_FLOATS[norm] * batch * height * width

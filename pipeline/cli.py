@@ -102,9 +102,9 @@ def upscale(args: argparse.Namespace) -> None:
             check_memory(method.model.cfg, size, max_bytes=int(args.max_memory_gb * 2**30))
         suffix = f"x{args.scale:g}" if args.scale else f"{size[1]}x{size[0]}"
         out = args.out / f"{Path(path).stem}_{suffix}.png"
-        write_image(out, method(lr, size))
-        tiled = ""
         tile = method.tile_for(lr.shape[:2], size)
+        write_image(out, method.upscale(lr, size, tile))
+        tiled = ""
         if tile is not None:  # say so: a tiled output can differ slightly from one run in one piece (README)
             count = len(tile_starts(lr.shape[0], tile, method.overlap)) * len(tile_starts(lr.shape[1], tile, method.overlap))
             need = estimate_peak_bytes(method.model.cfg, size) / 2**30

@@ -36,7 +36,7 @@ def test_shapes_at_any_scale_and_aspect(model: IDM, lr_size: tuple[int, int], sc
         eps = model(torch.randn(2, 3, *size), torch.rand(2), cond)
     assert cond.x_con.shape == (2, 3, *size)
     assert cond.size == size and len(cond) == 2
-    stride = 2 ** (len(TEST_CFG.channels) - 1)  # the UNet's canvas: sides rounded up to multiples of it
+    stride = 4  # TEST_CFG's UNet halves twice; its canvas has sides rounded up to multiples of 4
     canvas = [math.ceil(n / stride) * stride for n in size]
     expected = [(2, c, canvas[0] // 2**i, canvas[1] // 2**i) for i, c in enumerate(TEST_CFG.channels)]
     assert [tuple(p.shape) for p in cond.pyramid] == expected
@@ -157,6 +157,13 @@ def test_paper_preset_size() -> None:
     # EDSR-baseline 1.22M (the paper quotes ~1.2M) + LR pyramid 3.91M + UNet 93.28M.
     assert sum(p.numel() for p in net.encoder.parameters()) == 1_222_147
     assert count == 98_413_254
+
+
+def test_unet_stride_is_the_coarsest_levels_reduction() -> None:
+    assert (MODEL_PRESETS["paper"].unet_stride, MODEL_PRESETS["tiny"].unet_stride) == (16, 4)
+    assert replace(TEST_CFG, channel_mults=(1,), attention_levels=()).unet_stride == 1
+    net = IDM(MODEL_PRESETS["paper"])
+    assert net.canvas((33, 48)) == (48, 48) and net.canvas((1, 16)) == (16, 16)
 
 
 def test_tiny_preset_is_small() -> None:

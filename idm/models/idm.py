@@ -87,8 +87,8 @@ class IDM(nn.Module):
 
     def canvas(self, size: tuple[int, int]) -> tuple[int, int]:
         """The UNet's working size for a target (H, W): each side rounded up to a multiple
-        of 2**(levels - 1), so every level halves the one above exactly."""
-        stride = 2 ** (len(self.cfg.channels) - 1)
+        of the config's `unet_stride`, so every level halves the one above exactly."""
+        stride = self.cfg.unet_stride
         return tuple(-(-int(n) // stride) * stride for n in size)  # type: ignore[return-value]
 
     def _to_canvas(self, x: Tensor) -> Tensor:
