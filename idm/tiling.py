@@ -174,6 +174,42 @@ def plan_inputs(lr_len: int, hr_len: int, *, tile: int, overlap: int, context: i
     return plan
 
 
+@dataclass(frozen=True)
+class _Tile:
+    """One tile of a plan: its network input (LR and HR slices of the whole image), the
+    part of that input it keeps (`own`, slices of the input) and its share of the whole
+    image over the input ((T_H, T_W): the blending weight normalised so that the shares
+    of all tiles sum to 1 at every pixel; zero over the context)."""
+
+    lr: tuple[slice, slice]
+    hr: tuple[slice, slice]
+    own: tuple[slice, slice]
+    share: Tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The network input's HR size (T_H, T_W)."""
+        return self.hr[0].stop - self.hr[0].start, self.hr[1].stop - self.hr[1].start
+
+
+def _tiles(lr_size: tuple[int, int], size: tuple[int, int], *, tile: int, overlap: int, context: int,
+           align: int) -> list[_Tile]:
+    """The tiles of an (h, w) -> `size` upscale (`plan_inputs` along each axis), row by row."""
+    rows = plan_inputs(lr_size[0], size[0], tile=tile, overlap=overlap, context=context, align=align)
+    cols = plan_inputs(lr_size[1], size[1], tile=tile, overlap=overlap, context=context, align=align)
+    tiles, weight_sum = [], torch.zeros(size)
+    for r, a0, a1, R0, R1 in rows:
+        for c, b0, b1, C0, C1 in cols:
+            own = (slice(r.hr0 - R0, r.hr1 - R0), slice(c.hr0 - C0, c.hr1 - C0))
+            share = torch.zeros(R1 - R0, C1 - C0)
+            share[own] = r.weight[:, None] * c.weight[None, :]
+            weight_sum[R0:R1, C0:C1] += share
+            tiles.append(_Tile((slice(a0, a1), slice(b0, b1)), (slice(R0, R1), slice(C0, C1)), own, share))
+    for t in tiles:
+        t.share.div_(weight_sum[t.hr])
+    return tiles
+
+
 def tiled_apply(fn: TileFn, lr: Tensor, size: tuple[int, int], *, tile: int, overlap: int,
                 noise: Tensor | None = None, context: int = 0, align: int = 1) -> Tensor:
     """Upscale lr (B, 3, h, w) in [-1, 1] to size (H, W) tile by tile: (B, 3, H, W).
@@ -194,25 +230,19 @@ def tiled_apply(fn: TileFn, lr: Tensor, size: tuple[int, int], *, tile: int, ove
         raise ValueError(f"context must be an integer number of HR pixels >= 0, got {context!r}")
     if isinstance(align, bool) or not isinstance(align, int) or align < 1:
         raise ValueError(f"align must be an integer number of HR pixels >= 1, got {align!r}")
-    (h, w), out, weight_sum = lr.shape[-2:], None, None
-    rows = plan_inputs(h, height, tile=tile, overlap=overlap, context=context, align=align)
-    cols = plan_inputs(w, width, tile=tile, overlap=overlap, context=context, align=align)
-    for r, a0, a1, R0, R1 in rows:
-        for c, b0, b1, C0, C1 in cols:
-            args = [lr[..., a0:a1, b0:b1], (R1 - R0, C1 - C0)]
-            if noise is not None:
-                args.append(noise[..., R0:R1, C0:C1])
-            y = fn(*args)
-            if y.shape[0] != lr.shape[0] or tuple(y.shape[-2:]) != args[1]:
-                raise ValueError(f"fn returned {tuple(y.shape)} for a tile of size {args[1]}")
-            if out is None:
-                out = y.new_zeros((*y.shape[:2], height, width))
-                weight_sum = y.new_zeros((height, width))
-            y = y[..., r.hr0 - R0:r.hr1 - R0, c.hr0 - C0:c.hr1 - C0]
-            weight = (r.weight[:, None] * c.weight[None, :]).to(y)
-            out[..., r.hr0:r.hr1, c.hr0:c.hr1] += y * weight
-            weight_sum[r.hr0:r.hr1, c.hr0:c.hr1] += weight
-    return out / weight_sum
+    out = None
+    for t in _tiles(tuple(lr.shape[-2:]), (height, width), tile=tile, overlap=overlap, context=context, align=align):
+        args = [lr[(..., *t.lr)], t.size]
+        if noise is not None:
+            args.append(noise[(..., *t.hr)])
+        y = fn(*args)
+        if y.shape[0] != lr.shape[0] or tuple(y.shape[-2:]) != t.size:
+            raise ValueError(f"fn returned {tuple(y.shape)} for a tile of size {t.size}")
+        if out is None:
+            out = y.new_zeros((*y.shape[:2], height, width))
+        under = out[(..., *t.hr)]  # a view: adding into its kept part adds into `out`
+        under[(..., *t.own)] += y[(..., *t.own)] * t.share[t.own].to(y)
+    return out
 
 
 @torch.no_grad()
@@ -260,33 +290,6 @@ def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], tim
     return tiled_apply(one_tile, lr, size, tile=tile, overlap=overlap, noise=x_T, context=context, align=align)
 
 
-@dataclass(frozen=True)
-class _Tile:
-    """One tile of a plan: its network input (LR and HR slices) and its share of the
-    whole image over that input ((T_H, T_W), zero over the context; shares sum to 1)."""
-
-    lr: tuple[slice, slice]
-    hr: tuple[slice, slice]
-    share: Tensor
-
-
-def _tiles(lr_size: tuple[int, int], size: tuple[int, int], *, tile: int, overlap: int, context: int,
-           align: int) -> list[_Tile]:
-    """The plan of `tiled_apply` as a list of tiles, with blending weights normalised to shares."""
-    rows = plan_inputs(lr_size[0], size[0], tile=tile, overlap=overlap, context=context, align=align)
-    cols = plan_inputs(lr_size[1], size[1], tile=tile, overlap=overlap, context=context, align=align)
-    tiles, weight_sum = [], torch.zeros(size)
-    for r, a0, a1, R0, R1 in rows:
-        for c, b0, b1, C0, C1 in cols:
-            share = torch.zeros(R1 - R0, C1 - C0)
-            share[r.hr0 - R0:r.hr1 - R0, c.hr0 - C0:c.hr1 - C0] = r.weight[:, None] * c.weight[None, :]
-            weight_sum[R0:R1, C0:C1] += share
-            tiles.append(_Tile((slice(a0, a1), slice(b0, b1)), (slice(R0, R1), slice(C0, C1)), share))
-    for t in tiles:
-        t.share.div_(weight_sum[t.hr])
-    return tiles
-
-
 def _image_norm_sample(model: nn.Module, lr: Tensor, size: tuple[int, int], timesteps: Sequence[int],
                        x_T: Tensor, *, schedule: Schedule, sampler: Sampler, clip_x0: bool,
                        decode: Decoder | None, generator: torch.Generator | None, tile: int, overlap: int,
@@ -298,7 +301,7 @@ def _image_norm_sample(model: nn.Module, lr: Tensor, size: tuple[int, int], time
     memory stays that of one tile (plus whole-image 3-channel buffers); it is a small
     part of a denoiser call.
     """
-    tiles = [_Tile(t.lr, t.hr, t.share.to(x_T)) for t in
+    tiles = [_Tile(t.lr, t.hr, t.own, t.share.to(x_T)) for t in
              _tiles(tuple(lr.shape[-2:]), size, tile=tile, overlap=overlap, context=context, align=align)]
     # GroupNorm sees each tile on the UNet's canvas (idm.models.IDM.canvas): its shares
     # there, with the edge repeated as the canvas repeats the image's, so a tile that
@@ -307,7 +310,7 @@ def _image_norm_sample(model: nn.Module, lr: Tensor, size: tuple[int, int], time
                     for t in tiles]
 
     def condition(t: _Tile):
-        return model.condition(lr[(..., *t.lr)], (t.hr[0].stop - t.hr[0].start, t.hr[1].stop - t.hr[1].start))
+        return model.condition(lr[(..., *t.lr)], t.size)
 
     def add_tile_eps(out: Tensor, t: _Tile, x_t: Tensor, noise_level: Tensor) -> None:
         # Blended in as soon as it is computed, so one tile's prediction is held at a time.
