@@ -15,7 +15,7 @@ and the run stops; the sums over all tiles give call k's statistics. One more wa
 every statistic known runs the tiles to the end. Only one tile's activations are held
 at a time, so the memory bound of tiling holds; the price is compute: L GroupNorm
 calls take L + 1 partial runs of every tile, ~(L / 2 + 1)x a plain tiled run (the
-default model's UNet has 27, and the partial runs add up to ~12 full ones: 15-33x the
+default model's UNet has 27, and the partial runs add up to ~12 full ones: 15-60x the
 untiled run's time, measured in bench/README.md).
 
 What does not work (tiled minus untiled Y-PSNR, default model, 5 DDIM steps; Set14

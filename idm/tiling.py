@@ -24,7 +24,7 @@ input resembles the whole image: the smaller a part of a varied image a tile is,
 larger the gap (`bench/tiled_seams.py`; tables in bench/README.md). Two causes remain.
 GroupNorm: each tile normalises with its own statistics (norm="tile", the default:
 fast). With norm="image" the tiles run in step and normalise with the whole image's
-statistics, found tile by tile in bounded memory (`idm.image_norm`), for 15-33x the
+statistics, found tile by tile in bounded memory (`idm.image_norm`), for 15-60x the
 compute. And the receptive field beyond a tile's `context`, which more context closes
 for more compute. Tiles as large as the memory bound allows (`choose_tile`, what
 `idm upscale` uses) keep both gaps small.
@@ -265,7 +265,7 @@ def tiled_super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], tim
     step, blending their predictions into one whole-image x_t at every step, with the
     whole image's GroupNorm statistics (`idm.image_norm`): the same picture as the
     untiled run up to what lies beyond a tile's context (its convolutions' reach and
-    its attention), in the same memory, for 15-33x the untiled run's time with the
+    its attention), in the same memory, for 15-60x the untiled run's time with the
     default model.
     """
     check_temperature(temperature)

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"tile outputs that would need more (default {SAMPLE.max_memory_gb:g})")
     up.add_argument("--tile-norm", default=SAMPLE.tile_norm, choices=list(TILE_NORMS),
                     help="GroupNorm statistics of each tile (fast) or of the whole image (closer to the untiled "
-                         f"result, ~15-20x slower) (default {SAMPLE.tile_norm})")
+                         f"result, 15-60x slower) (default {SAMPLE.tile_norm})")
     up.add_argument("--no-tiling", action="store_true", help="fail instead of tiling when over --max-memory-gb")
     up.add_argument("--out", type=Path, required=True, help="output folder")
     sub.add_parser("serve", help="Prefect server + MLflow UI + scheduled flows (same as make serve)")

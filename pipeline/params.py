@@ -129,7 +129,7 @@ class SampleParams:
     max_memory_gb: float = 4.0  # outputs whose untiled run would need more are made tile by tile
     tile_overlap: int = 8  # LR pixels shared by neighbouring tiles
     tile_context: int = 64  # HR pixels of extra input around each tile (idm.tiling.input_span)
-    tile_norm: str = "tile"  # GroupNorm statistics per tile, or the whole image's (closer to untiled, ~15-20x slower)
+    tile_norm: str = "tile"  # GroupNorm statistics per tile, or the whole image's (closer to untiled, 15-60x slower)
 
     @property
     def max_bytes(self) -> int:
