@@ -31,7 +31,7 @@ class ModelConfig:
     """Every architectural knob of IDM; the defaults are the paper's (~100M params).
 
     Level i of the UNet works at H' / 2**i x W' / 2**i (H', W': the output size
-    rounded up to a multiple of `unet_stride`, `IDM.canvas`) with
+    rounded up to a multiple of `unet_stride`: `canvas`) with
     base_channels * channel_mults[i] channels; the decoder has res_blocks + 1 residual
     blocks per level (as SR3) and one LR feature map per level.
     """
@@ -88,8 +88,14 @@ class ModelConfig:
     def unet_stride(self) -> int:
         """How many times smaller the UNet's coarsest level is than its finest: the levels
         halve the size len(channel_mults) - 1 times. The UNet works on sides that are
-        multiples of it (`IDM.canvas`)."""
+        multiples of it (`canvas`)."""
         return 2 ** (len(self.channel_mults) - 1)
+
+    def canvas(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The UNet's working size for a target (H, W): each side rounded up to a multiple
+        of `unet_stride`, so every level halves the one above exactly (`IDM.to_canvas`)."""
+        stride = self.unet_stride
+        return tuple(-(-int(n) // stride) * stride for n in size)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

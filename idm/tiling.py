@@ -13,7 +13,7 @@ pixels) on every side, so that no output it keeps is computed from zero padding,
 its ends moved onto the whole image's grids (HR pixel centres and the UNet's stride-2
 grids), so that a tile is computed as the same part of the whole picture and not as a
 slightly shifted or stretched one. The UNet runs every input, tile or whole image, on a
-canvas whose sides are multiples of its coarsest stride (`IDM.canvas`), so its levels
+canvas whose sides are multiples of its coarsest stride (`ModelConfig.canvas`), so its levels
 do not drift with the input's size: without GroupNorm and attention, a tile whose
 context covers the receptive field gives the untiled output exactly
 (tests/test_models.py).
@@ -45,11 +45,10 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from idm.config import ModelConfig
@@ -301,13 +300,12 @@ def _image_norm_sample(model: nn.Module, lr: Tensor, size: tuple[int, int], time
     memory stays that of one tile (plus whole-image 3-channel buffers); it is a small
     part of a denoiser call.
     """
-    tiles = [_Tile(t.lr, t.hr, t.own, t.share.to(x_T)) for t in
+    tiles = [replace(t, share=t.share.to(x_T)) for t in
              _tiles(tuple(lr.shape[-2:]), size, tile=tile, overlap=overlap, context=context, align=align)]
-    # GroupNorm sees each tile on the UNet's canvas (idm.models.IDM.canvas): its shares
+    # GroupNorm sees each tile on the UNet's canvas (IDM.to_canvas): its shares
     # there, with the edge repeated as the canvas repeats the image's, so a tile that
     # ends where the image does counts the rows the untiled canvas adds, exactly once.
-    canvas_share = [F.pad(t.share[None, None], _canvas_padding(model, t.share.shape), mode="replicate")[0, 0]
-                    for t in tiles]
+    canvas_share = [model.to_canvas(t.share[None, None])[0, 0] for t in tiles]
 
     def condition(t: _Tile):
         return model.condition(lr[(..., *t.lr)], t.size)
@@ -334,12 +332,6 @@ def _image_norm_sample(model: nn.Module, lr: Tensor, size: tuple[int, int], time
     return image
 
 
-def _canvas_padding(model: nn.Module, size: Sequence[int]) -> tuple[int, int, int, int]:
-    """F.pad's (left, right, top, bottom) from `size` (H, W) out to the model's UNet canvas."""
-    height, width = model.canvas(tuple(size))
-    return 0, width - size[1], 0, height - size[0]
-
-
 # --- memory bound --------------------------------------------------------------------
 
 # Python and torch before the model runs: ~0.7 GiB RSS for this torch build (measured).
@@ -355,9 +347,8 @@ ACTIVATION_SLACK = 1.5
 
 
 def _level_pixels(cfg: ModelConfig, size: tuple[int, int]) -> list[int]:
-    """Pixels of each UNet level on its canvas (sides rounded up to multiples of `cfg.unet_stride`)."""
-    stride = cfg.unet_stride
-    height, width = (-(-n // stride) * stride for n in size)
+    """Pixels of each UNet level on its canvas (`ModelConfig.canvas`)."""
+    height, width = cfg.canvas(size)
     return [(height >> i) * (width >> i) for i in range(len(cfg.channels))]
 
 

@@ -20,7 +20,7 @@ class Condition:
     """Everything the denoiser needs from the LR image, for a target size (H, W).
 
     x_con: (B, 3, H, W) image-like condition. pyramid: one LR feature map per UNet
-    level on the UNet's canvas (`IDM.canvas`), pyramid[i] (B, C_i, H' / 2**i, W' / 2**i).
+    level on the UNet's canvas (`ModelConfig.canvas`), pyramid[i] (B, C_i, H' / 2**i, W' / 2**i).
     code: (B,) scale codes (`scale_code`). All on the LR image's device.
     """
 
@@ -55,7 +55,7 @@ class IDM(nn.Module):
     cond = model.condition(lr, (H, W)) once per image; then eps = model(x_t, gamma, cond)
     at every denoising step.
 
-    The UNet runs on a canvas whose sides are multiples of its coarsest stride (`canvas`):
+    The UNet runs on a canvas whose sides are multiples of its coarsest stride (`ModelConfig.canvas`):
     the image, edge pixels repeated to the right and below, and its output is cropped
     back. On a canvas of any other size, a level of ceil(n / 2) pixels covers n + 1 finer
     pixels while the implicit up-sampling maps coordinates as if it covered n, so the
@@ -83,24 +83,19 @@ class IDM(nn.Module):
         x_con = self.encoder(lr, (height, width))
         code = torch.full((lr.shape[0],), scale_code(lr.shape[-2:], (height, width)),
                           device=lr.device, dtype=lr.dtype)
-        return Condition(x_con, self.pyramid(self._to_canvas(x_con)), code)
+        return Condition(x_con, self.pyramid(self.to_canvas(x_con)), code)
 
-    def canvas(self, size: tuple[int, int]) -> tuple[int, int]:
-        """The UNet's working size for a target (H, W): each side rounded up to a multiple
-        of the config's `unet_stride`, so every level halves the one above exactly."""
-        stride = self.cfg.unet_stride
-        return tuple(-(-int(n) // stride) * stride for n in size)  # type: ignore[return-value]
-
-    def _to_canvas(self, x: Tensor) -> Tensor:
-        """x (B, C, H, W) with its last row and column repeated out to `canvas` (H, W)."""
-        height, width = self.canvas(x.shape[-2:])
+    def to_canvas(self, x: Tensor) -> Tensor:
+        """x (B, C, H, W) with its last row and column repeated out to the UNet's canvas
+        (`ModelConfig.canvas`)."""
+        height, width = self.cfg.canvas(x.shape[-2:])
         if (height, width) == tuple(x.shape[-2:]):
             return x
         return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]), mode="replicate")
 
     def unet_input(self, x_t: Tensor, cond: Condition) -> Tensor:
         """The UNet's input for x_t (B, 3, H, W): [x_con, x_t] on the canvas, (B, 6, H', W')."""
-        return self._to_canvas(torch.cat([cond.x_con, x_t], dim=1))
+        return self.to_canvas(torch.cat([cond.x_con, x_t], dim=1))
 
     def forward(self, x_t: Tensor, noise_level: Tensor, cond: Condition, *, raw: bool = False) -> Tensor:
         """Predict the noise: x_t (B, 3, H, W), noise_level (B,) = sqrt(alpha_bar) -> (B, 3, H, W).

@@ -30,8 +30,8 @@ class UNet(nn.Module):
 
     forward(x (B, 6, H, W) = concat[x_con, x_t], noise_level (B,), pyramid, code (B,))
     -> predicted noise (B, 3, H, W). Level i runs at ceil(H / 2**i) x ceil(W / 2**i),
-    so any H, W work (IDM gives it sides that are multiples of 2**(levels - 1), so
-    each level halves the one above exactly); pyramid[i] is the LR feature map of level i.
+    so any H, W work (IDM gives it sides that are multiples of `ModelConfig.unet_stride`,
+    so each level halves the one above exactly); pyramid[i] is the LR feature map of level i.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
