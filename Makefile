@@ -35,7 +35,7 @@ ui: $(STAMP)
 
 # Prefect server + MLflow UI on 127.0.0.1, scheduled retrain/evaluate flows; Ctrl-C stops all.
 serve: $(STAMP)
-	$(VENV)/bin/python -m pipeline.serve
+	$(VENV)/bin/python -m pipeline.servers
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.resize

@@ -19,10 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from idm import metrics
-from idm.io import read_image
-from idm.methods import Bicubic, DiffusionSR, to_model_range, to_uint8
+from idm.config import SampleConfig
+from idm.inference.upscaler import Bicubic, DiffusionSR
+from idm.resize import to_model_range, to_uint8
 from idm.train import fit
+from pipeline.data.images import read_image
+from pipeline.evaluation import metrics
 from pipeline.params import ROOT, load
 
 # name -> (model.prediction, train.target, train.condition_loss)
@@ -76,7 +78,7 @@ def main() -> None:
         ckpt = args.work / name / "checkpoint.pt"
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         fit(model_cfg, params.diffusion, train_cfg, train_images, device="cpu", ckpt_path=ckpt, progress=False)
-        net = DiffusionSR.from_checkpoint(ckpt, steps=1)
+        net = DiffusionSR.from_checkpoint(ckpt, SampleConfig(steps=1))
 
         def condition_only(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
             with torch.inference_mode():
@@ -84,7 +86,7 @@ def main() -> None:
 
         add(name, "x_con only", mean_psnr(condition_only))
         for steps, temperature in SAMPLING:
-            method = DiffusionSR.from_checkpoint(ckpt, steps=steps, temperature=temperature)
+            method = DiffusionSR.from_checkpoint(ckpt, SampleConfig(steps=steps, temperature=temperature))
             add(name, f"DDIM {steps}, T={temperature:g}", mean_psnr(method))
     print(f"\n{args.steps} training steps per variant, {len(pairs) // len(SCALES)} held-out photos "
           f"({params.datasets[0].test_crop} px crops)\n")

@@ -1,4 +1,4 @@
-"""float32 vs int8 denoiser (idm.quantize): time per step, file size, PSNR delta.
+"""float32 vs int8 denoiser (idm.inference.quantize): time per step, file size, PSNR delta.
 
 Usage: python -m bench.int8 [CHECKPOINT] [--folder ../shared/datasets/Set5]
            [--calib-folder ../shared/datasets/Set14] [--calib-images 2] [--scale 4]
@@ -11,7 +11,7 @@ Two models, each quantized here and measured side by side with its float32 origi
   on the weights) at LR 16 -> 128: step time and file size.
 Calibration runs the float32 sampler on --calib-images images of --calib-folder (not
 the test images) over the same --steps timesteps. --pt2e also times torchao's PT2E
-int8 graph compiled by Inductor (minutes of compile), the path idm.quantize does not take.
+int8 graph compiled by Inductor (minutes of compile), the path idm.inference.quantize does not take.
 """
 
 from __future__ import annotations
@@ -30,16 +30,26 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 
 from bench.per_step import interleaved_times, load_average  # noqa: E402
-from bench.sampling_steps import DATASETS, ROOT, Trained, load_trained, test_pairs, to_tensor, upscale  # noqa: E402
-from idm import metrics  # noqa: E402
-from idm.config import MODEL_PRESETS  # noqa: E402
-from idm.diffusion import make_schedule  # noqa: E402
+from bench.sampling_steps import (  # noqa: E402
+    DATASETS,
+    ROOT,
+    Trained,
+    load_trained,
+    test_pairs,
+    upscale,
+)
+from idm.config import (
+    MODEL_PRESETS,  # noqa: E402
+    SampleConfig,  # noqa: E402
+)
+from idm.diffusion.sampling import sample_ddim, spaced_timesteps  # noqa: E402
+from idm.diffusion.schedule import make_schedule  # noqa: E402
+from idm.inference.quantize import file_size, quantize_denoiser, save_quantized  # noqa: E402
 from idm.models import IDM  # noqa: E402
-from idm.quantize import file_size, quantize_denoiser, save_quantized  # noqa: E402
-from idm.sampling import sample_ddim, spaced_timesteps  # noqa: E402
-from pipeline.params import SampleParams  # noqa: E402
+from idm.resize import to_model_range  # noqa: E402
+from pipeline.evaluation import metrics  # noqa: E402
 
-SAMPLE = SampleParams()  # the sampling defaults of params.yaml
+SAMPLE = SampleConfig()  # the sampling defaults of params.yaml
 
 
 def step_fns(models: dict[str, torch.nn.Module], lr: torch.Tensor, size: tuple[int, int]) -> dict:
@@ -112,7 +122,7 @@ def speed_and_size(fp32: IDM, int8: IDM, label: str, args: argparse.Namespace) -
 def quantize_on(net: IDM, calib_folder: Path, n: int, scale: float, crop: int, steps: list[int],
                 schedule, temperature: float = 1.0) -> IDM:
     """int8 copy of `net`, calibrated on n images of `calib_folder` over `steps` from noise x `temperature`."""
-    calib = [(to_tensor(lr), hr.shape[:2]) for hr, lr in test_pairs(calib_folder, scale, crop, limit=n)]
+    calib = [(to_model_range(lr), hr.shape[:2]) for hr, lr in test_pairs(calib_folder, scale, crop, limit=n)]
     return quantize_denoiser(net, calib, schedule=schedule, timesteps=steps, temperature=temperature,
                              generator=torch.Generator().manual_seed(0))
 

@@ -13,7 +13,7 @@ Reference mode is our model run the way the reference code runs it: the LR condi
 torch.no_grad, default memory format. The variants then add, cumulatively: the
 condition cached once per image, inference_mode, channels_last, torch.compile
 (Inductor with freezing: weights folded as constants and pre-packed for oneDNN; ~30 s
-to compile per batch size, less from Inductor's cache). int8 (idm.quantize,
+to compile per batch size, less from Inductor's cache). int8 (idm.inference.quantize,
 calibrated over 4 steps, eager) is timed with the cached condition and inference_mode.
 """
 
@@ -33,10 +33,10 @@ import torch._inductor.config as inductor_config  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from idm.config import MODEL_PRESETS  # noqa: E402
-from idm.diffusion import make_schedule  # noqa: E402
+from idm.diffusion.sampling import spaced_timesteps  # noqa: E402
+from idm.diffusion.schedule import make_schedule  # noqa: E402
+from idm.inference.quantize import quantize_denoiser  # noqa: E402
 from idm.models import IDM, Condition  # noqa: E402
-from idm.quantize import quantize_denoiser  # noqa: E402
-from idm.sampling import spaced_timesteps  # noqa: E402
 
 Step = Callable[[], torch.Tensor]
 

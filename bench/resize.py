@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from idm.datasets import make_pair
-from idm.io import list_images, read_image
 from idm.resize import resize_uint8
+from pipeline.data.datasets import make_pair
+from pipeline.data.images import list_images, read_image
 
 
 def timed(fn, repeat: int) -> float:

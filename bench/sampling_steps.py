@@ -28,15 +28,23 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.per_step import load_average  # noqa: E402
-from idm import metrics  # noqa: E402
 from idm.checkpoint import build_model, load_checkpoint  # noqa: E402
-from idm.datasets import center_crop, make_pair  # noqa: E402
-from idm.diffusion import Schedule, make_schedule  # noqa: E402
-from idm.io import list_images, read_image  # noqa: E402
+from idm.config import DiffusionConfig  # noqa: E402
+from idm.diffusion.sampling import (  # noqa: E402
+    SPACINGS,
+    Sampler,
+    sample_ddim,
+    sample_ddpm,
+    spaced_timesteps,
+    super_resolve,
+)
+from idm.diffusion.schedule import Schedule, schedule_for  # noqa: E402
+from idm.diffusion.targets import decode  # noqa: E402
 from idm.models import IDM  # noqa: E402
-from idm.resize import resize_uint8  # noqa: E402
-from idm.sampling import SPACINGS, Sampler, sample_ddim, sample_ddpm, spaced_timesteps, super_resolve  # noqa: E402
-from idm.targets import decode  # noqa: E402
+from idm.resize import resize_uint8, to_model_range, to_uint8  # noqa: E402
+from pipeline.data.datasets import center_crop, make_pair  # noqa: E402
+from pipeline.data.images import list_images, read_image  # noqa: E402
+from pipeline.evaluation import metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -56,9 +64,7 @@ class Trained:
 def load_trained(path: Path) -> Trained:
     """The EMA model of a training checkpoint, its schedule and its diffusion target."""
     ckpt = load_checkpoint(path)
-    diffusion, train = ckpt["diffusion_config"], ckpt["train_config"]
-    schedule = make_schedule(diffusion["schedule"], diffusion["timesteps"],
-                             beta_start=diffusion["beta_start"], beta_end=diffusion["beta_end"])
+    schedule, train = schedule_for(DiffusionConfig(**ckpt["diffusion_config"])), ckpt["train_config"]
     return Trained(build_model(ckpt, use_ema=True), schedule, train.get("target", "image"),
                    float(train.get("residual_scale", 1.0)))
 
@@ -71,20 +77,10 @@ def test_pairs(folder: Path, scale: float, crop: int, limit: int = 0) -> list[tu
     return [make_pair(center_crop(read_image(p), crop), scale) for p in paths]
 
 
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """(h, w, 3) uint8 -> (1, 3, h, w) float in [-1, 1]."""
-    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return ((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-
-
 def upscale(net: Trained, model: torch.nn.Module, lr: np.ndarray, size: tuple[int, int],
             timesteps: Sequence[int], sampler: Sampler, *, seed: int = 0) -> np.ndarray:
     """One SR image (H, W, 3) uint8; `model` may be net.model or a quantized copy."""
-    lr_t = to_tensor(lr)
+    lr_t = to_model_range(lr)
     with torch.inference_mode():
         image = super_resolve(model, lr_t, size, timesteps, schedule=net.schedule, sampler=sampler,
                               temperature=net.temperature, generator=torch.Generator().manual_seed(seed),

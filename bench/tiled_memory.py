@@ -3,14 +3,14 @@
 Usage: python -m bench.tiled_memory [--bounds 1.5] [--lr 512] [--scale 4] [--steps 2]
                                     [--overlap 16] [--preset tiny] [--threads 2] [--norms tile image]
 
-For each memory bound (GiB), idm.tiling.choose_tile picks the largest tile whose
+For each memory bound (GiB), idm.inference.tiling.choose_tile picks the largest tile whose
 estimated peak fits, and a fresh Python process runs the tiled DDIM upscale (the
 tiny preset, random weights, --steps steps: memory does not depend on the weights or
-the step count), once per --norms entry (idm.tiling.tiled_super_resolve's norm:
+the step count), once per --norms entry (idm.inference.tiling.tiled_super_resolve's norm:
 "image" is ~15-20x slower). The parent reads the child's peak RSS from the kernel
 (os.wait4, the per-child form of getrusage(RUSAGE_CHILDREN)). A bound above the untiled
 estimate runs the whole image as one tile: that measures an untiled run (how
-idm.tiling.estimate_peak_bytes is calibrated, e.g. --lr 128 --bounds 1000 --steps 1).
+idm.inference.tiling.estimate_peak_bytes is calibrated, e.g. --lr 128 --bounds 1000 --steps 1).
 """
 
 from __future__ import annotations
@@ -28,19 +28,24 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from bench.per_step import load_average  # noqa: E402
-from idm.config import MODEL_PRESETS  # noqa: E402
-from idm.tiling import (TILE_NORMS, choose_tile, estimate_peak_bytes, estimate_tiled_peak_bytes,  # noqa: E402
-                        plan_axis)
+from idm.config import MODEL_PRESETS, TILE_NORMS  # noqa: E402
+from idm.inference.memory import (  # noqa: E402
+    choose_tile,
+    estimate_peak_bytes,
+    estimate_tiled_peak_bytes,
+)
+from idm.inference.tiling import plan_axis  # noqa: E402
 
 GIB = 2**30
 
 
 def child(args: argparse.Namespace) -> None:
     """Run one tiled upscale and print its time (the parent measures the memory)."""
-    from idm.diffusion import make_schedule
+    from idm.config import SampleConfig
+    from idm.diffusion.sampling import spaced_timesteps
+    from idm.diffusion.schedule import make_schedule
+    from idm.inference.tiling import tiled_super_resolve
     from idm.models import IDM
-    from idm.sampling import sample_ddim, spaced_timesteps
-    from idm.tiling import tiled_super_resolve
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -49,8 +54,9 @@ def child(args: argparse.Namespace) -> None:
     size = (round(args.lr * args.scale),) * 2
     start = time.perf_counter()
     steps, schedule = spaced_timesteps(1000, args.steps), make_schedule("linear", 1000)
-    out = tiled_super_resolve(model, lr, size, steps, schedule=schedule, sampler=sample_ddim, eta=0.0,
-                              tile=args.tile, overlap=args.overlap, context=args.context, norm=args.norm,
+    sample = SampleConfig(sampler="ddim", eta=0.0, temperature=1.0, tile_overlap=args.overlap,
+                          tile_context=args.context, tile_norm=args.norm)
+    out = tiled_super_resolve(model, lr, size, steps, schedule=schedule, sample=sample, tile=args.tile,
                               generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, *size)
     print(f"{time.perf_counter() - start:.1f}")

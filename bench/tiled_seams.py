@@ -8,9 +8,9 @@ bicubic LR (with --as-lr the images themselves are the LR inputs, upscaled past 
 ground truth: for outputs larger than the memory bound; only the agreement is printed),
 with the sampling settings of params.yaml, once untiled and once tile by
 tile (tile:overlap:context:norm: tile and overlap in LR px, context in HR px,
-defaulting to params.yaml's tile_context, norm "tile" or "image" (idm.image_norm),
+defaulting to params.yaml's tile_context, norm "tile" or "image" (idm.inference.image_norm),
 defaulting to params.yaml's tile_norm; from the same whole-image x_T; tile "auto" is
-the tile `idm upscale` would use, `idm.tiling.choose_tile` under params.yaml's
+the tile `idm upscale` would use, `idm.inference.tiling.choose_tile` under params.yaml's
 max_memory_gb, "auto@2" under 2 GiB), and prints
 tiled minus untiled Y-PSNR against the ground truth per image, in brackets the Y-PSNR
 of the tiled output against the untiled one (inf: identical, the image fit in one
@@ -22,24 +22,26 @@ tile spec counts the cases within it, leaving out those run as one tile (identic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-
 import pandas as pd
 import torch
 
-from idm import metrics
-from idm.config import ModelConfig
-from idm.datasets import center_crop, make_pair
-from idm.io import list_images, read_image
-from idm.methods import DiffusionSR, to_model_range, to_uint8
-from idm.sampling import super_resolve
-from idm.tiling import choose_tile, tiled_super_resolve
-from pipeline.params import ROOT, SampleParams, load
+from idm.config import ModelConfig, SampleConfig
+from idm.diffusion.sampling import SAMPLER_FUNCTIONS, super_resolve
+from idm.inference.memory import choose_tile
+from idm.inference.tiling import tiled_super_resolve
+from idm.inference.upscaler import DiffusionSR
+from idm.resize import to_model_range, to_uint8
+from pipeline.data.datasets import center_crop, make_pair
+from pipeline.data.images import list_images, read_image
+from pipeline.evaluation import metrics
+from pipeline.params import ROOT, load
 
 
 def test_images(args: argparse.Namespace) -> Iterator[tuple[str, float, np.ndarray | None, np.ndarray]]:
@@ -61,7 +63,7 @@ def test_images(args: argparse.Namespace) -> Iterator[tuple[str, float, np.ndarr
         yield row.image, row.scale, read_image(prepared / row.hr), read_image(prepared / row.lr)
 
 
-def parse_spec(spec: str, sample: SampleParams, lr_size: tuple[int, int], size: tuple[int, int],
+def parse_spec(spec: str, sample: SampleConfig, lr_size: tuple[int, int], size: tuple[int, int],
                cfg: ModelConfig) -> tuple[int | None, int, int, str]:
     """(tile or None for untiled, overlap, context, norm) of a tile:overlap[:context[:norm]] spec."""
     fields = spec.split(":")
@@ -104,10 +106,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     s = load(ROOT / "params.yaml").sample
-    net = DiffusionSR.from_checkpoint(args.checkpoint, steps=s.steps, sampler=s.sampler, eta=s.eta,
-                                      temperature=s.temperature)
-    kwargs = dict(schedule=net.schedule, sampler=net.sampler, eta=net.eta, temperature=net.temperature,
-                  decode=net._decode)
+    net = DiffusionSR.from_checkpoint(args.checkpoint, s)
+    kwargs = dict(schedule=net.schedule, sampler=SAMPLER_FUNCTIONS[s.sampler], eta=s.eta, temperature=s.temperature,
+                  decode=net.decode)
     rows = ["| image | scale | " + " | ".join(f"tile {t}" for t in args.tiles) + " |",
             "|---|---|" + "---|" * len(args.tiles)]
     results: dict[str, list[tuple[float, float]]] = {spec: [] for spec in args.tiles}
@@ -136,9 +137,10 @@ def main() -> None:
                     diffs.append("untiled (fits the bound)")
                     continue
                 start = time.perf_counter()
-                tiled = tiled_super_resolve(net.model, x, size, net.timesteps, tile=tile, overlap=overlap,
-                                            context=context, norm=norm,
-                                            generator=torch.Generator().manual_seed(s.seed), **kwargs)
+                sample = dataclasses.replace(s, tile_overlap=overlap, tile_context=context, tile_norm=norm)
+                tiled = tiled_super_resolve(net.model, x, size, net.timesteps, schedule=net.schedule, sample=sample,
+                                            tile=tile, decode=net.decode,
+                                            generator=torch.Generator().manual_seed(s.seed))
                 ratio = (time.perf_counter() - start) / untiled_time
                 agreement = metrics.psnr(to_uint8(tiled), to_uint8(untiled_out), border=border, y_channel=True)
                 diff = psnr(tiled) - untiled

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from idm.config import ModelConfig
-from idm.io import atomic_path
+from idm.files import atomic_path, fsync_dir
 from idm.models import IDM
 
 FORMAT = 1
@@ -76,7 +76,7 @@ def save_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:
         torch.save({**body, DIGEST: content_digest(body)}, f)
         f.flush()
         os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def content_digest(ckpt: Mapping[str, Any]) -> str:
@@ -88,7 +88,7 @@ def content_digest(ckpt: Mapping[str, Any]) -> str:
 
 
 def _feed(digest: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor) and value.is_quantized:  # int8 models (idm.quantize)
+    if isinstance(value, torch.Tensor) and value.is_quantized:  # int8 models (idm.inference.quantize)
         digest.update(f"Q{value.qscheme()}|".encode())
         if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
             params = [value.q_per_channel_scales(), value.q_per_channel_zero_points(), value.q_per_channel_axis()]
@@ -110,20 +110,6 @@ def _feed(digest: Any, value: Any) -> None:
             _feed(digest, item)
     else:  # str, int, float, bool, None: what weights_only loading allows
         digest.update(f"{type(value).__name__}:{value!r}|".encode())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_plain(path: str | os.PathLike, *, what: str, map_location: str | torch.device = "cpu") -> Any:

@@ -1,22 +1,51 @@
-"""Configuration of the IDM network and of its diffusion process.
+"""Every configuration of the library, and the names each setting accepts.
 
-Frozen dataclasses, checked on construction, so a bad value fails where it is
-written, with a message that names the field and what it accepts. Checkpoints store
-`dataclasses.asdict(cfg)` and rebuild with `ModelConfig(**d)`; sequences may come
-back as lists (YAML, JSON) and are turned into tuples again.
+A leaf module: it imports nothing from idm, so any module may depend on it. Frozen
+dataclasses check their values on construction and fail with a message naming the
+field and what it accepts. Checkpoints store `dataclasses.asdict(cfg)` and rebuild with
+`ModelConfig(**d)`; sequences may come back as lists (YAML, JSON) and become tuples.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from idm.diffusion import LOSSES, SCHEDULES
-from idm.prediction import PREDICTIONS
+# The names each setting accepts; the modules that implement them key their tables by these.
+SCHEDULES = ("cosine", "linear")  # idm.diffusion.schedule.BETAS
+LOSSES = ("l1", "l2")  # idm.diffusion.loss.LOSS_FUNCTIONS
+PREDICTIONS = ("eps", "x0", "v")  # idm.diffusion.prediction
+TARGETS = ("image", "residual", "refine")  # idm.diffusion.targets
+SAMPLERS = ("ddim", "ddpm")  # idm.diffusion.sampling.SAMPLER_FUNCTIONS
+SPACINGS = ("uniform", "quadratic")  # idm.diffusion.sampling.spaced_timesteps
+TILE_NORMS = ("tile", "image")  # GroupNorm statistics per tile, or the whole image's (idm.inference.image_norm)
+DEVICES = ("auto", "cpu", "cuda")  # idm.device.resolve_device
+
+
+class ConfigError(ValueError):
+    """A setting has a value it does not accept; `field` names the setting."""
+
+    def __init__(self, field: str, allowed: str, value: Any) -> None:
+        super().__init__(f"{field} must be {allowed}, got {value!r}")
+        self.field = field
+
+
+def _check(ok: bool, field: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(field, allowed, value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not _is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -24,6 +53,11 @@ def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ValueError(f"{name} must be a sequence of integers, got {value!r}")
     return tuple(value)
+
+
+def check_temperature(temperature: Any) -> None:
+    """Raise ConfigError unless 0 <= temperature <= 1 (the scale of the initial noise)."""
+    _check(_is_number(temperature) and 0 <= temperature <= 1, "temperature", "a number in [0, 1]", temperature)
 
 
 @dataclass(frozen=True)
@@ -47,7 +81,7 @@ class ModelConfig:
     norm_groups: int = 32
     implicit_hidden: int = 256  # hidden width of the coordinate MLP of each up-step
     modulation_hidden: int = 64  # hidden width of the scale -> (s1, s2) maps
-    prediction: str = "eps"  # what the denoiser outputs: eps (paper) | x0 | v (idm.prediction)
+    prediction: str = "eps"  # what the denoiser outputs: one of PREDICTIONS (idm.diffusion.prediction)
 
     def __post_init__(self) -> None:
         mults = _int_tuple("channel_mults", self.channel_mults)
@@ -70,8 +104,7 @@ class ModelConfig:
             raise ValueError(f"unknown prediction {self.prediction!r}; expected one of {list(PREDICTIONS)}")
         if not isinstance(self.mid_attention, bool):
             raise ValueError(f"mid_attention must be True or False, got {self.mid_attention!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         for m in mults:
             if self.base_channels * m % self.norm_groups:
@@ -121,12 +154,98 @@ class DiffusionConfig:
         _check_int("timesteps", self.timesteps, 1)
         for name in ("beta_start", "beta_end"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            if not _is_number(value) or not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
         if self.beta_start > self.beta_end:
             raise ValueError(f"beta_start must be <= beta_end, got {self.beta_start} > {self.beta_end}")
         if not isinstance(self.clip_x0, bool):
             raise ValueError(f"clip_x0 must be True or False, got {self.clip_x0!r}")
+
+
+# Train settings that may change when a run is resumed: none of them alters the weights.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "sample_every")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How IDM is trained (idm.train.fit). Defaults: the paper's optimiser with LIIF's scale range."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    patch_size: int = 48  # side of the HR patch (px); the LR patch is round(patch_size / s)
+    scale_min: float = 1.0  # LIIF: s ~ U(1, 4), one scale per batch
+    scale_max: float = 4.0
+    lr: float = 1e-4  # Adam, constant (paper)
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    checkpoint_every: int = 500  # 0: only at the end
+    log_every: int = 50
+    sample_every: int = 0  # 0: never call on_sample
+    seed: int = 0
+    target: str = "image"  # what the diffusion denoises, one of TARGETS (idm.diffusion.targets)
+    residual_scale: float = 0.5  # targets "residual" / "refine": x0 = (HR - bicubic or x_con) / residual_scale
+    flips: bool = True  # random horizontal and vertical flips
+    condition_loss: float = 0.0  # weight of an L1 loss of the condition x_con against HR; 0: paper (none)
+
+    def __post_init__(self) -> None:
+        for name, least in (("steps", 1), ("batch_size", 1), ("patch_size", 2), ("checkpoint_every", 0),
+                            ("log_every", 1), ("sample_every", 0), ("seed", 0)):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= least, name, f"an integer >= {least}", value)
+        _check(_is_number(self.scale_min) and self.scale_min >= 1, "scale_min", "a number >= 1", self.scale_min)
+        _check(_is_number(self.scale_max) and self.scale_max > self.scale_min, "scale_max",
+               f"a number > scale_min = {self.scale_min}", self.scale_max)
+        _check(self.patch_size >= self.scale_max, "patch_size",
+               f"at least scale_max = {self.scale_max} (the LR patch needs 1 px)", self.patch_size)
+        _check(_is_number(self.lr) and self.lr > 0, "lr", "a number > 0", self.lr)
+        _check(_is_number(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)", self.ema_decay)
+        _check(_is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0: off)", self.grad_clip)
+        _check(_is_number(self.residual_scale) and self.residual_scale > 0, "residual_scale", "a number > 0",
+               self.residual_scale)
+        _check(self.target in TARGETS, "target", f"one of {sorted(TARGETS)}", self.target)
+        _check(isinstance(self.flips, bool), "flips", "True or False", self.flips)
+        _check(_is_number(self.condition_loss) and self.condition_loss >= 0, "condition_loss", "a number >= 0",
+               self.condition_loss)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How a trained IDM samples an output: the sampler, its steps and noise, and tiling.
+
+    One object carries these settings everywhere they travel (params.yaml's `sample`
+    section, `idm upscale`'s flags, the MLflow model), and this is their one validator.
+    """
+
+    sampler: str = "ddim"  # one of SAMPLERS
+    steps: int = 5  # network evaluations per image (spaced over the schedule; at most its T)
+    spacing: str = "uniform"  # how the steps spread over the schedule: one of SPACINGS
+    eta: float = 0.0  # 0: deterministic DDIM; 1: ancestral-like
+    seed: int = 0  # initial noise, per image
+    temperature: float = 0.5  # scale of the initial noise: 1 samples the model, < 1 favours PSNR over texture
+    max_memory_gb: float = 4.0  # outputs whose untiled run would need more are made tile by tile
+    tile_overlap: int = 8  # LR pixels shared by neighbouring tiles
+    tile_context: int = 64  # HR pixels of extra input around each tile (idm.inference.tiling.input_span)
+    tile_norm: str = "tile"  # one of TILE_NORMS: GroupNorm statistics per tile, or the whole image's
+
+    def __post_init__(self) -> None:
+        _check(_is_number(self.max_memory_gb) and self.max_memory_gb > 0, "max_memory_gb", "a number > 0",
+               self.max_memory_gb)
+        _check(_is_int(self.tile_overlap) and self.tile_overlap >= 0, "tile_overlap", "an integer >= 0",
+               self.tile_overlap)
+        _check(_is_int(self.tile_context) and self.tile_context >= 0, "tile_context", "an integer >= 0",
+               self.tile_context)
+        _check(self.tile_norm in TILE_NORMS, "tile_norm", f"one of {list(TILE_NORMS)}", self.tile_norm)
+        _check(self.sampler in SAMPLERS, "sampler", f"one of {sorted(SAMPLERS)}", self.sampler)
+        _check(_is_int(self.steps) and self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        _check(self.spacing in SPACINGS, "spacing", f"one of {list(SPACINGS)}", self.spacing)
+        _check(_is_number(self.eta) and self.eta >= 0, "eta", "a number >= 0", self.eta)
+        _check(_is_int(self.seed), "seed", "an integer", self.seed)
+        check_temperature(self.temperature)
+
+    @property
+    def max_bytes(self) -> int:
+        """The memory bound in bytes."""
+        return int(self.max_memory_gb * 2**30)
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

@@ -1,4 +1,4 @@
-"""The one resize function of the project, and the size arithmetic around it.
+"""The project's one resize function, its size arithmetic, and uint8 <-> model-range conversions.
 
 Everything that makes or compares images at another size goes through `resize`:
 the prepare stage (LR from HR), training (random-scale LR/HR pairs), the bicubic
@@ -7,10 +7,10 @@ baseline, and the LR-consistency metric.
 `resize` is torch's bicubic with ``antialias=True``: the separable Keys cubic kernel
 with a = -0.5 whose support is widened by the scale factor when downscaling. That is
 the kernel MATLAB's ``imresize`` and PIL's ``BICUBIC`` use, so LR images match the
-ones the SR literature evaluates on (Set5 x2/x3/x4 bicubic PSNR within 0.05 dB of the
-published MATLAB numbers; see tests/test_resize.py). Borders differ slightly from
-MATLAB (which pads symmetrically; torch renormalises the truncated kernel), which the
-``ceil(scale)`` border crop of the metrics removes.
+ones the SR literature evaluates on (tests/idm/test_resize.py checks that Set5 x2/x3/x4
+bicubic PSNR is within 0.05 dB of the published MATLAB numbers). Borders differ
+slightly from MATLAB (which pads symmetrically; torch renormalises the truncated
+kernel), which the ``ceil(scale)`` border crop of the metrics removes.
 """
 
 from __future__ import annotations
@@ -89,3 +89,15 @@ def target_size(lr_size: tuple[int, int], scale: float) -> tuple[int, int]:
     """Output (height, width) for upscaling an LR image of `lr_size` by `scale`."""
     scale = check_scale(scale)
     return tuple(max(1, round(side * scale)) for side in lr_size)  # type: ignore[return-value]
+
+
+def to_model_range(img: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+    """(h, w, 3) uint8 in [0, 255] -> (1, 3, h, w) float32 in [-1, 1] on `device`."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1).unsqueeze(0).float()
+    return x / 127.5 - 1.0
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """(1, 3, H, W) float in [-1, 1] -> (H, W, 3) uint8, rounded like a saved image."""
+    y = ((x[0].clamp(-1, 1) + 1.0) * 127.5).round_().to(torch.uint8)
+    return y.permute(1, 2, 0).cpu().numpy()

@@ -26,69 +26,20 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from idm.checkpoint import (check_same_configs, load_checkpoint, make_checkpoint, rng_state,
-                            save_checkpoint, set_rng_state)
-from idm.config import DiffusionConfig, ModelConfig
-from idm.diffusion import Schedule, make_schedule, training_loss
+from idm.checkpoint import (
+    check_same_configs,
+    load_checkpoint,
+    make_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from idm.config import RESUMABLE_CHANGES, DiffusionConfig, ModelConfig, TrainConfig
+from idm.diffusion.loss import training_loss
+from idm.diffusion.schedule import Schedule, schedule_for
+from idm.diffusion.targets import encode
 from idm.models import IDM
 from idm.resize import resize
-from idm.targets import TARGETS, encode
-
-# Train settings that may change when a run is resumed: none of them alters the weights.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "sample_every")
-
-
-def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How IDM is trained. Defaults: the paper's optimiser with LIIF's scale range."""
-
-    steps: int = 2000
-    batch_size: int = 8
-    patch_size: int = 48  # side of the HR patch (px); the LR patch is round(patch_size / s)
-    scale_min: float = 1.0  # LIIF: s ~ U(1, 4), one scale per batch
-    scale_max: float = 4.0
-    lr: float = 1e-4  # Adam, constant (paper)
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    checkpoint_every: int = 500  # 0: only at the end
-    log_every: int = 50
-    sample_every: int = 0  # 0: never call on_sample
-    seed: int = 0
-    target: str = "image"  # what the diffusion denoises, one of idm.targets.TARGETS
-    residual_scale: float = 0.5  # targets "residual" / "refine": x0 = (HR - bicubic or x_con) / residual_scale
-    flips: bool = True  # random horizontal and vertical flips
-    condition_loss: float = 0.0  # weight of an L1 loss of the condition x_con against HR; 0: paper (none)
-
-    def __post_init__(self) -> None:
-        for name, least in (("steps", 1), ("batch_size", 1), ("patch_size", 2), ("checkpoint_every", 0),
-                            ("log_every", 1), ("sample_every", 0), ("seed", 0)):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= least,
-                   name, f"an integer >= {least}", value)
-        _check(_is_number(self.scale_min) and self.scale_min >= 1, "scale_min", "a number >= 1", self.scale_min)
-        _check(_is_number(self.scale_max) and self.scale_max > self.scale_min, "scale_max",
-               f"a number > scale_min = {self.scale_min}", self.scale_max)
-        _check(self.patch_size >= self.scale_max, "patch_size",
-               f"at least scale_max = {self.scale_max} (the LR patch needs 1 px)", self.patch_size)
-        _check(_is_number(self.lr) and self.lr > 0, "lr", "a number > 0", self.lr)
-        _check(_is_number(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)", self.ema_decay)
-        _check(_is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0: off)", self.grad_clip)
-        _check(_is_number(self.residual_scale) and self.residual_scale > 0, "residual_scale", "a number > 0",
-               self.residual_scale)
-        _check(self.target in TARGETS, "target", f"one of {sorted(TARGETS)}", self.target)
-        _check(isinstance(self.flips, bool), "flips", "True or False", self.flips)
-        _check(_is_number(self.condition_loss) and self.condition_loss >= 0, "condition_loss", "a number >= 0",
-               self.condition_loss)
-
 
 # ---------------------------------------------------------------- data
 
@@ -263,8 +214,7 @@ def _build_run(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Trai
     model = IDM(model_cfg).to(device).train()
     generator = torch.Generator().manual_seed(cfg.seed + rank)  # different data per rank
     torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # dropout, per rank
-    schedule = make_schedule(diffusion_cfg.schedule, diffusion_cfg.timesteps,
-                             beta_start=diffusion_cfg.beta_start, beta_end=diffusion_cfg.beta_end)
+    schedule = schedule_for(diffusion_cfg)
     objective: nn.Module = Objective(model, schedule, cfg, diffusion_cfg.loss)
     if world > 1:
         objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)

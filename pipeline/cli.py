@@ -13,15 +13,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from idm.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, write_image
+from idm.config import SAMPLERS, SPACINGS, TILE_NORMS, SampleConfig
 from idm.resize import check_scale, target_size
-from idm.sampling import SPACINGS
-from idm.tiling import TILE_NORMS
-from pipeline.params import SampleParams
+from pipeline.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageReadError,
+    read_image,
+    write_image,
+)
 
 DEFAULT_MODEL = "models:/idm@champion"
 
-SAMPLE = SampleParams()  # sampling defaults, the same as params.yaml's
+SAMPLE = SampleConfig()  # sampling defaults, the same as params.yaml's
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -46,7 +49,7 @@ def parse_scale(text: str) -> float:
 def load_method(args: argparse.Namespace):
     """The IDM method for --model (a checkpoint path or an MLflow model URI), fp32 or int8."""
     from idm.device import resolve_device
-    from idm.methods import DiffusionSR
+    from idm.inference.upscaler import DiffusionSR
 
     path = Path(args.model)
     if "://" in args.model or args.model.startswith("models:/"):
@@ -57,12 +60,10 @@ def load_method(args: argparse.Namespace):
         path = checkpoint_from_uri(args.model)
     elif not path.is_file():
         raise FileNotFoundError(f"{path}: no such model checkpoint (give a .pt path or a models:/ URI)")
-    max_bytes = None if args.no_tiling else int(args.max_memory_gb * 2**30)
-    method = DiffusionSR.from_checkpoint(path, steps=args.steps, spacing=args.spacing, sampler=args.sampler,
-                                         eta=args.eta, seed=args.seed,
-                                         temperature=args.temperature, device=str(resolve_device(args.device)),
-                                         max_bytes=max_bytes, overlap=SAMPLE.tile_overlap, context=SAMPLE.tile_context,
-                                         tile_norm=args.tile_norm)
+    sample = SampleConfig(sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta, seed=args.seed,
+                          temperature=args.temperature, max_memory_gb=args.max_memory_gb,
+                          tile_overlap=SAMPLE.tile_overlap, tile_context=SAMPLE.tile_context, tile_norm=args.tile_norm)
+    method = DiffusionSR.from_checkpoint(path, sample, device=str(resolve_device(args.device)))
     if args.int8:
         from pipeline.mlflow_model import int8_beside
 
@@ -76,7 +77,7 @@ def load_method(args: argparse.Namespace):
 
 def output_size(path: Path, lr_shape: tuple[int, ...], args: argparse.Namespace) -> tuple[int, int]:
     """(height, width) of the output for an input of `lr_shape`; ValueError naming `path` if it
-    is absurd (not finite, or more pixels than inputs may have: idm.io.DEFAULT_MAX_PIXELS)."""
+    is absurd (not finite, or more pixels than inputs may have: pipeline.data.images.DEFAULT_MAX_PIXELS)."""
     if args.size:
         height, width = args.size
     else:
@@ -94,19 +95,21 @@ def upscale(args: argparse.Namespace) -> None:
     images = {path: read_image(path) for path in args.images}
     sizes = {path: output_size(path, lr.shape, args) for path, lr in images.items()}
     method = load_method(args)
-    from idm.tiling import check_memory, estimate_peak_bytes, tile_starts
+    from idm.inference.memory import check_memory, estimate_peak_bytes
+    from idm.inference.tiling import tile_starts
 
     for path, lr in tqdm(images.items(), desc="upscale", unit="image", disable=len(images) < 2):
         size = sizes[path]
         if args.no_tiling:
-            check_memory(method.model.cfg, size, max_bytes=int(args.max_memory_gb * 2**30))
+            check_memory(method.model.cfg, size, max_bytes=method.sample.max_bytes)
         suffix = f"x{args.scale:g}" if args.scale else f"{size[1]}x{size[0]}"
         out = args.out / f"{Path(path).stem}_{suffix}.png"
         tile = method.tile_for(lr.shape[:2], size)
         write_image(out, method.upscale(lr, size, tile))
         tiled = ""
         if tile is not None:  # say so: a tiled output can differ slightly from one run in one piece (README)
-            count = len(tile_starts(lr.shape[0], tile, method.overlap)) * len(tile_starts(lr.shape[1], tile, method.overlap))
+            overlap = method.sample.tile_overlap
+            count = len(tile_starts(lr.shape[0], tile, overlap)) * len(tile_starts(lr.shape[1], tile, overlap))
             need = estimate_peak_bytes(method.model.cfg, size) / 2**30
             tiled = (f" in {count} tiles of {tile} LR px (in one piece it would need ~{need:.2f} GiB, "
                      f"above --max-memory-gb {args.max_memory_gb:g})")
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--size", type=parse_size, help="output size WIDTHxHEIGHT (e.g. 1920x1080)")
     up.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint path or MLflow model URI (default {DEFAULT_MODEL})")
     up.add_argument("--steps", type=int, default=SAMPLE.steps, help=f"denoising steps (default {SAMPLE.steps})")
-    up.add_argument("--sampler", default=SAMPLE.sampler, choices=["ddim", "ddpm"])
+    up.add_argument("--sampler", default=SAMPLE.sampler, choices=sorted(SAMPLERS))
     up.add_argument("--spacing", default=SAMPLE.spacing, choices=list(SPACINGS),
                     help=f"how the steps spread over the noise schedule (default {SAMPLE.spacing})")
     up.add_argument("--eta", type=float, default=SAMPLE.eta)
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"tile outputs that would need more (default {SAMPLE.max_memory_gb:g})")
     up.add_argument("--tile-norm", default=SAMPLE.tile_norm, choices=list(TILE_NORMS),
                     help="GroupNorm statistics of each tile (fast) or of the whole image (closer to the untiled "
-                         f"result, 15-60x slower) (default {SAMPLE.tile_norm})")
+                         f"result, much slower; see bench/README.md) (default {SAMPLE.tile_norm})")
     up.add_argument("--no-tiling", action="store_true", help="fail instead of tiling when over --max-memory-gb")
     up.add_argument("--out", type=Path, required=True, help="output folder")
     sub.add_parser("serve", help="Prefect server + MLflow UI + scheduled flows (same as make serve)")
@@ -146,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # its own options: idm serve --help
-        from pipeline.serve import main as serve
+        from pipeline.servers import main as serve
 
         sys.exit(serve(argv[1:]))
     args = build_parser().parse_args(argv)

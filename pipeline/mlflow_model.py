@@ -9,6 +9,7 @@ works for serving while evaluation reads the checkpoint file directly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from pipeline.params import ROOT, SampleParams
+from idm.config import SampleConfig
+from pipeline.params import ROOT
+from pipeline.tracking import MODEL_NAME
 
-MODEL_NAME = "idm"
-SAMPLE = SampleParams()  # the sampling defaults of params.yaml
+SAMPLE = SampleConfig()  # the sampling defaults of params.yaml
 CHECKPOINT_ARTIFACT = "checkpoint"
 INT8_ARTIFACT = "int8"
 
@@ -37,33 +39,29 @@ SIGNATURE = ModelSignature(
 class IDMPyfunc(mlflow.pyfunc.PythonModel):
     """predict(lr (h, w, 3) uint8, params={"scale", "steps", "seed", "temperature"}) -> (H, W, 3) uint8.
 
-    Defaults are the pipeline's sampling defaults (pipeline.params.SampleParams), including
+    Defaults are the pipeline's sampling defaults (idm.config.SampleConfig), including
     its memory bound: larger outputs are made tile by tile, as in `idm upscale`.
     """
 
     def load_context(self, context: Any) -> None:
         """Load the model once; predict only changes the sampling settings."""
-        from idm.methods import DiffusionSR
+        from idm.inference.upscaler import DiffusionSR
 
         self.checkpoint = context.artifacts[CHECKPOINT_ARTIFACT]
         self.int8 = context.artifacts.get(INT8_ARTIFACT)
         # params.yaml's sampler, and its memory bound: outputs beyond it are made tile by tile
-        self.method = DiffusionSR.from_checkpoint(self.checkpoint, **SAMPLE.method_options())
+        self.method = DiffusionSR.from_checkpoint(self.checkpoint, SAMPLE)
         if self.int8:
             self.method.use_int8(self.int8)
 
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         from idm.resize import target_size
-        from idm.sampling import check_temperature, spaced_timesteps
 
         params = {"scale": 4.0, "steps": SAMPLE.steps, "seed": SAMPLE.seed, "temperature": SAMPLE.temperature,
                   **(params or {})}
         method = copy.copy(self.method)  # shares the loaded model; settings are per call
-        total = method.schedule.timesteps
-        method.timesteps = spaced_timesteps(total, min(int(params["steps"]), total), SAMPLE.spacing)
-        method.seed = int(params["seed"])
-        check_temperature(float(params["temperature"]))
-        method.temperature = float(params["temperature"])
+        method.sample = dataclasses.replace(method.sample, steps=int(params["steps"]), seed=int(params["seed"]),
+                                            temperature=float(params["temperature"]))
         lr = np.asarray(model_input, dtype=np.uint8)
         return method(lr, target_size(lr.shape[:2], float(params["scale"])))
 

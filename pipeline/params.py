@@ -16,17 +16,21 @@ from typing import Any
 
 import yaml
 
-from idm.config import MODEL_PRESETS, DiffusionConfig, ModelConfig
-from idm.sampling import SAMPLERS, SPACINGS
-from idm.tiling import TILE_NORMS
-from idm.train import TrainConfig
+from idm.config import (
+    DEVICES,
+    MODEL_PRESETS,
+    ConfigError,
+    DiffusionConfig,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = ROOT / "params.yaml"
 
 SOURCES = ("skimage", "folder", "url")
 METHODS = ("bicubic", "idm", "idm-int8")
-DEVICES = ("auto", "cpu", "cuda")
 
 # The RGB photographs scikit-image ships in its wheel (no network needed).
 SKIMAGE_IMAGES = (
@@ -47,7 +51,7 @@ class DatasetParams:
     source: str
     path: str | None = None  # folder source: a directory of images (relative to the project root)
     url: str | None = None  # url source: an https file or archive ...
-    preset: str | None = None  # ... or a named preset (idm.fetch.PRESETS)
+    preset: str | None = None  # ... or a named preset (pipeline.data.presets.PRESETS)
     sha256: str | None = None
     subdir: str | None = None  # folder inside an archive that holds the images
     images: tuple[str, ...] = SKIMAGE_IMAGES  # skimage source: which images
@@ -117,45 +121,8 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
-class SampleParams:
-    """How IDM samples at evaluation and in `idm upscale` (the defaults are params.yaml's)."""
-
-    sampler: str = "ddim"  # one of idm.sampling.SAMPLERS
-    steps: int = 5  # network evaluations per image (spaced over the schedule)
-    spacing: str = "uniform"  # how the steps are spread over the schedule (idm.sampling.SPACINGS)
-    eta: float = 0.0  # 0: deterministic DDIM; 1: ancestral-like
-    seed: int = 0  # initial noise, per image
-    temperature: float = 0.5  # scale of the initial noise: 1 samples the model, < 1 favours PSNR over texture
-    max_memory_gb: float = 4.0  # outputs whose untiled run would need more are made tile by tile
-    tile_overlap: int = 8  # LR pixels shared by neighbouring tiles
-    tile_context: int = 64  # HR pixels of extra input around each tile (idm.tiling.input_span)
-    tile_norm: str = "tile"  # GroupNorm statistics per tile, or the whole image's (closer to untiled, 15-60x slower)
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_memory_gb * 2**30)
-
-    def method_options(self) -> dict[str, Any]:
-        """These settings as keyword arguments of idm.methods.DiffusionSR.from_checkpoint."""
-        return dict(steps=self.steps, spacing=self.spacing, sampler=self.sampler, eta=self.eta, seed=self.seed,
-                    temperature=self.temperature, max_bytes=self.max_bytes, overlap=self.tile_overlap,
-                    context=self.tile_context, tile_norm=self.tile_norm)
-
-    def __post_init__(self) -> None:
-        _check(self.max_memory_gb > 0, "sample.max_memory_gb", f"a number > 0, got {self.max_memory_gb}")
-        _check(self.tile_overlap >= 0, "sample.tile_overlap", f"an integer >= 0, got {self.tile_overlap}")
-        _check(self.tile_context >= 0, "sample.tile_context", f"an integer >= 0, got {self.tile_context}")
-        _check(self.tile_norm in TILE_NORMS, "sample.tile_norm", f"one of {list(TILE_NORMS)}, got {self.tile_norm!r}")
-        _check(self.sampler in SAMPLERS, "sample.sampler", f"one of {sorted(SAMPLERS)}, got {self.sampler!r}")
-        _check(self.steps >= 1, "sample.steps", f"an integer >= 1, got {self.steps}")
-        _check(self.spacing in SPACINGS, "sample.spacing", f"one of {list(SPACINGS)}, got {self.spacing!r}")
-        _check(math.isfinite(self.eta) and self.eta >= 0, "sample.eta", f"a number >= 0, got {self.eta}")
-        _check(0 <= self.temperature <= 1, "sample.temperature", f"a number in [0, 1], got {self.temperature}")
-
-
-@dataclass(frozen=True)
 class TrainStageParams:
-    """Where the train stage runs (the training recipe itself is idm.train.TrainConfig)."""
+    """Where the train stage runs (the training recipe itself is idm.config.TrainConfig)."""
 
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0: torch's default
@@ -203,7 +170,7 @@ class Params:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     train_stage: TrainStageParams = field(default_factory=TrainStageParams)
-    sample: SampleParams = field(default_factory=SampleParams)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
     promotion: PromotionParams = field(default_factory=PromotionParams)
@@ -263,6 +230,8 @@ def build(cls: type, data: Any, where: str) -> Any:
         return cls(**values)
     except ParamsError:
         raise
+    except ConfigError as err:  # the library's own check, naming the field
+        raise ParamsError(f"params.yaml: {where}.{err}") from None
     except (TypeError, ValueError) as err:  # a required key is missing, or the library's own check
         raise ParamsError(f"params.yaml: {where}: {err}") from None
 
@@ -311,7 +280,7 @@ def parse(raw: Any) -> Params:
         diffusion=build(DiffusionConfig, raw.get("diffusion"), "diffusion"),
         train=train,
         train_stage=train_stage,
-        sample=build(SampleParams, raw.get("sample"), "sample"),
+        sample=build(SampleConfig, raw.get("sample"), "sample"),
         evaluate=build(EvaluateParams, raw.get("evaluate"), "evaluate"),
         report=build(ReportParams, raw.get("report"), "report"),
         promotion=build(PromotionParams, raw.get("promotion"), "promotion"),

@@ -19,10 +19,11 @@ from typing import Any
 
 import pandas as pd
 
-from idm.datasets import scale_tag
+from pipeline.data.datasets import scale_tag
+from pipeline.evaluation.names import parse_metric_name
 from pipeline.params import PromotionParams
+from pipeline.tracking import MODEL_NAME
 
-MODEL_NAME = "idm"
 CHAMPION = "champion"
 CANDIDATE = "candidate"
 
@@ -38,19 +39,6 @@ class Decision:
     promote: bool
     reason: str
     table: pd.DataFrame  # TABLE_COLUMNS, one row per dataset x scale of the gate's metric
-
-
-def parse_metric_name(name: str) -> tuple[str, str, float]:
-    """'psnr_y.Set14.x2.5' -> ('psnr_y', 'Set14', 2.5); ValueError if not <metric>.<dataset>.x<scale>."""
-    metric, _, rest = name.partition(".")
-    dataset, sep, scale = rest.partition(".x")
-    try:
-        value = float(scale)
-    except ValueError:
-        value = float("nan")
-    if not (metric and dataset and sep) or not math.isfinite(value):
-        raise ValueError(f"metric name {name!r} is not <metric>.<dataset>.x<scale>, e.g. 'psnr_y.Set5.x4'")
-    return metric, dataset, value
 
 
 def scores(evaluation: dict[str, Any] | None, metric: str) -> dict[tuple[str, float], float]:

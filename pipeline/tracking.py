@@ -35,10 +35,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from idm.fetch import redact_url
+from pipeline.data.fetch import redact_url
 from pipeline.params import ROOT
+from pipeline.workspace import process_exists
 
 EXPERIMENT = "idm"
+MODEL_NAME = "idm"  # the registered model every trained and quantized version belongs to
 STORE_WAIT_SECONDS = 15.0  # how long an http(s) store may take to answer before a stage gives up
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
@@ -61,7 +63,7 @@ def artifact_location() -> str | None:
 
 
 def redact(value: Any) -> Any:
-    """A param or tag value with the credentials of every URL in it hidden (idm.fetch.redact_url)."""
+    """A param or tag value with the credentials of every URL in it hidden (pipeline.data.fetch.redact_url)."""
     if not isinstance(value, str):
         return redact(str(value)) if _URL.search(str(value)) else value
     return _URL.sub(lambda m: redact_url(m.group(0)), value)
@@ -137,16 +139,6 @@ def setup() -> str:
                                   f"nothing was done: {hint}") from None
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def close_abandoned_runs(experiment_id: str) -> list[str]:
     """Mark as KILLED the RUNNING runs started on this host by a process that no longer
     exists (a stage killed before it could end its run); returns their run ids.
@@ -160,7 +152,7 @@ def close_abandoned_runs(experiment_id: str) -> list[str]:
     closed = []
     for run in runs:
         pid = run.data.tags.get("pid", "")
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_exists(int(pid)):
             client.set_tag(run.info.run_id, "ended_by", f"stage_run: process {pid} on {host} no longer exists")
             client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from idm.coords import query_nearest
+from idm.models.coords import query_nearest
 from idm.models.layers import Blur, conv3x3
 from idm.resize import resize
 

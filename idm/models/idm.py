@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from idm.config import ModelConfig
+from idm.diffusion.prediction import to_eps
 from idm.models.encoder import ConditionPyramid, LREncoder
 from idm.models.modulation import scale_code
 from idm.models.unet import UNet
-from idm.prediction import to_eps
 
 
 @dataclass(frozen=True)
@@ -36,18 +36,6 @@ class Condition:
     def __len__(self) -> int:
         return self.x_con.shape[0]
 
-    def select(self, index: int | slice | Tensor) -> Condition:
-        """The condition of a subset of the batch (an int keeps the batch dimension)."""
-        if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
-        return Condition(self.x_con[index], [p[index] for p in self.pyramid], self.code[index])
-
-    def repeat(self, n: int) -> Condition:
-        """Each image's condition n times in a row: batch B -> B * n (e.g. n samples per image)."""
-        return Condition(self.x_con.repeat_interleave(n, dim=0),
-                         [p.repeat_interleave(n, dim=0) for p in self.pyramid],
-                         self.code.repeat_interleave(n, dim=0))
-
 
 class IDM(nn.Module):
     """Implicit Diffusion Model for continuous-scale super-resolution.
@@ -55,15 +43,12 @@ class IDM(nn.Module):
     cond = model.condition(lr, (H, W)) once per image; then eps = model(x_t, gamma, cond)
     at every denoising step.
 
-    The UNet runs on a canvas whose sides are multiples of its coarsest stride (`ModelConfig.canvas`):
-    the image, edge pixels repeated to the right and below, and its output is cropped
-    back. On a canvas of any other size, a level of ceil(n / 2) pixels covers n + 1 finer
-    pixels while the implicit up-sampling maps coordinates as if it covered n, so the
-    levels drift apart by up to half a coarse pixel towards the far edges, by an amount
-    that depends on the image's size: a tile of the image then saw the picture
-    differently from the whole image wherever it was cut (idm.tiling; 1.7e-3 max
-    difference in eps on Set14 `zebra` x3, 5e-7 on a crop whose sides are multiples of
-    4), and training, on 48 px patches, never saw the drift.
+    The UNet runs on a canvas whose sides are multiples of its coarsest stride
+    (`ModelConfig.canvas`, `to_canvas`): the image, edge pixels repeated to the right and
+    below, and its output is cropped back. On any other size the UNet's levels would
+    drift apart by up to half a coarse pixel, by an amount that depends on the image's
+    size, so a tile (idm.inference.tiling) would see the picture differently from the
+    whole image (docs/decisions.md, "The UNet canvas (multiples of the coarsest stride)").
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -100,7 +85,7 @@ class IDM(nn.Module):
     def forward(self, x_t: Tensor, noise_level: Tensor, cond: Condition, *, raw: bool = False) -> Tensor:
         """Predict the noise: x_t (B, 3, H, W), noise_level (B,) = sqrt(alpha_bar) -> (B, 3, H, W).
 
-        The network itself predicts `cfg.prediction` (eps, x0 or v; idm.prediction);
+        The network itself predicts `cfg.prediction` (eps, x0 or v; idm.diffusion.prediction);
         forward converts that to the noise so every sampler sees one contract. With
         raw=True it returns the network's own output (the training loss uses it).
         """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from idm.coords import query_nearest
+from idm.models.coords import query_nearest
 
 
 class ImplicitUpsample(nn.Module):

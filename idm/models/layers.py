@@ -77,11 +77,9 @@ class SelfAttention(nn.Module):
         if not torch.is_grad_enabled():
             # Inference: contiguous (B, N, C) q, k, v take SDPA's flash kernel, which works
             # in blocks, in memory linear in N; with strided ones SDPA falls back on CPU to
-            # its math kernel and holds N x N maps (2.3 GiB and 4x the time at N = 128^2,
-            # C = 64, measured). Training keeps the math kernel: its patches make N small,
-            # and the flash kernel rounds differently (~1e-7), which 3000 training steps
-            # grew into a different default model (-0.48 to +0.11 dB per held-out photo
-            # at x2-x4, measured once) from the one the README and bench/ report.
+            # its math kernel and holds N x N maps. Training keeps the math kernel, whose
+            # rounding the reported default model was trained with (docs/decisions.md,
+            # "Self-attention kernel at inference vs training").
             qkv = qkv.contiguous()
         q, k, v = qkv.unbind(1)
         y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]

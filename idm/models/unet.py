@@ -12,7 +12,7 @@ from idm.models.layers import NoiseEmbedding, ResBlock, SelfAttention, conv3x3
 from idm.models.modulation import ScaleModulation
 
 
-class Stage(nn.Module):
+class LevelBlock(nn.Module):
     """A residual block, optionally followed by self-attention. x: (B, in_ch, H, W)."""
 
     def __init__(self, in_ch: int, out_ch: int, *, attention: bool, cfg: ModelConfig) -> None:
@@ -44,19 +44,19 @@ class UNet(nn.Module):
         skip_ch, prev = [ch[0]], ch[0]
         for i in levels:
             for _ in range(cfg.res_blocks):
-                self.down.append(Stage(prev, ch[i], attention=i in cfg.attention_levels, cfg=cfg))
+                self.down.append(LevelBlock(prev, ch[i], attention=i in cfg.attention_levels, cfg=cfg))
                 prev = ch[i]
                 skip_ch.append(prev)
             if i < len(ch) - 1:
                 self.downsample.append(conv3x3(prev, prev, stride=2))
                 skip_ch.append(prev)
-        self.mid = nn.ModuleList([Stage(prev, prev, attention=cfg.mid_attention, cfg=cfg),
-                                  Stage(prev, prev, attention=False, cfg=cfg)])
+        self.mid = nn.ModuleList([LevelBlock(prev, prev, attention=cfg.mid_attention, cfg=cfg),
+                                  LevelBlock(prev, prev, attention=False, cfg=cfg)])
         self.up = nn.ModuleList()
         for i in reversed(levels):
             attention = i in cfg.attention_levels
             for _ in range(cfg.res_blocks + 1):  # one more than the encoder, as SR3
-                self.up.append(Stage(prev + skip_ch.pop(), ch[i], attention=attention, cfg=cfg))
+                self.up.append(LevelBlock(prev + skip_ch.pop(), ch[i], attention=attention, cfg=cfg))
                 prev = ch[i]
         self.modulate = nn.ModuleList(ScaleModulation(c, hidden=cfg.modulation_hidden) for c in ch)
         self.upsample = nn.ModuleList(ImplicitUpsample(c, hidden=cfg.implicit_hidden) for c in ch[1:])

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import errno
-import os
-import re
-import shutil
 import sys
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from idm.fetch import FetchError
-from idm.io import ImageReadError
+from pipeline.data.fetch import FetchError
+from pipeline.data.images import ImageReadError
 from pipeline.params import ParamsError
 from pipeline.tracking import TrackingUnavailable, display_uri, tracking_uri
 
@@ -82,45 +77,3 @@ def _is_tracking_error(err: BaseException) -> bool:
 
         kinds.append(SQLAlchemyError)
     return isinstance(err, tuple(kinds))
-
-
-@contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """Yield an empty temp dir beside `out`; it replaces `out` only if the block succeeds.
-
-    Temp dirs that killed runs left beside `out` (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`
-    of a process that no longer exists) are removed first.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_siblings(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_dead_siblings(out: Path) -> None:
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)")
-    for sibling in out.parent.iterdir():
-        match = pattern.fullmatch(sibling.name)
-        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
-            shutil.rmtree(sibling, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

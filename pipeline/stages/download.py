@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from idm.datasets import copy_folder, export_skimage
+from pipeline.data.datasets import copy_folder, export_skimage
 from pipeline.params import ROOT, DatasetParams, load
-from pipeline.stages import run, staged_dir
+from pipeline.stages import run
+from pipeline.workspace import staged_dir
 
 
 def fetch_dataset(ds: DatasetParams, dest: Path, cache: Path) -> None:
@@ -18,7 +19,8 @@ def fetch_dataset(ds: DatasetParams, dest: Path, cache: Path) -> None:
     elif ds.source == "folder":
         copy_folder((ROOT / ds.path).resolve(), dest)  # type: ignore[operator]
     else:
-        from idm.fetch import PRESETS, fetch
+        from pipeline.data.fetch import fetch
+        from pipeline.data.presets import PRESETS
 
         if ds.preset is not None and ds.preset not in PRESETS:
             raise ValueError(f"datasets[{ds.name}].preset {ds.preset!r} unknown; expected one of {sorted(PRESETS)}")

@@ -17,14 +17,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from idm import metrics
 from idm.device import resolve_device
-from idm.evaluate import ALL_METRICS, fid_by_group, metric_name, run_method, summarize
-from idm.io import atomic_path
-from idm.methods import Bicubic, DiffusionSR, Method
+from idm.files import atomic_path
+from idm.inference.upscaler import Bicubic, DiffusionSR, Method
 from pipeline import tracking
+from pipeline.evaluation import metrics
+from pipeline.evaluation.evaluate import fid_by_group, run_method, summarize
+from pipeline.evaluation.names import ALL_METRICS, metric_name
 from pipeline.params import ROOT, EvaluateParams, Params, flatten, load
-from pipeline.stages import run, staged_dir
+from pipeline.stages import run
+from pipeline.workspace import staged_dir
 
 
 def build_methods(params: Params, checkpoint: Path, device: str) -> list[Method]:
@@ -32,7 +34,7 @@ def build_methods(params: Params, checkpoint: Path, device: str) -> list[Method]
     def idm() -> Method:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint}: no trained model; run the train stage first (dvc repro train)")
-        return DiffusionSR.from_checkpoint(checkpoint, device=device, **params.sample.method_options())
+        return DiffusionSR.from_checkpoint(checkpoint, params.sample, device=device)
 
     def idm_int8() -> Method:
         int8 = checkpoint.parent.parent / "idm-int8" / "model_int8.pt"
@@ -53,7 +55,7 @@ def model_uri_method(args: argparse.Namespace, params: Params, device: str) -> l
 
     setup()
     path = checkpoint_from_uri(args.model_uri, args.sr_out.parent / f".{args.label}-model")
-    method = DiffusionSR.from_checkpoint(path, device=device, name=args.label, **params.sample.method_options())
+    method = DiffusionSR.from_checkpoint(path, params.sample, device=device, name=args.label)
     if (path.parent / "model_int8.pt").is_file():  # an int8 version: its artifacts carry the int8 denoiser
         method.use_int8(path.parent / "model_int8.pt")
     return [method]

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from idm.datasets import center_crop, make_pair, read_all, scale_tag, split
-from idm.io import list_images, write_image
+from pipeline.data.datasets import center_crop, make_pair, read_all, scale_tag, split
+from pipeline.data.images import list_images, write_image
 from pipeline.params import ROOT, DatasetParams, PrepareParams, load
-from pipeline.stages import run, staged_dir
+from pipeline.stages import run
+from pipeline.workspace import staged_dir
 
 
 def prepare_dataset(ds: DatasetParams, prep: PrepareParams, raw: Path, out: Path) -> list[dict]:

@@ -1,6 +1,6 @@
 """quantize stage: training-free int8 post-training quantization of the trained denoiser.
 
-Calibrates on denoiser inputs gathered across the sampling timesteps (idm.quantize), then
+Calibrates on denoiser inputs gathered across the sampling timesteps (idm.inference.quantize), then
 measures, side by side in this run, file size and seconds per denoising step of fp32
 and int8, and registers the int8 model as a new `idm` version tagged quantization=int8.
 Outputs (default models/idm-int8/): model_int8.pt, report.json, registered.json.
@@ -16,18 +16,20 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from idm.datasets import center_crop, make_pair
-from idm.io import atomic_path, read_image
-from idm.methods import DiffusionSR, to_model_range
-from idm.quantize import file_size, quantize_denoiser, save_quantized
+from idm.files import atomic_path
+from idm.inference.quantize import file_size, quantize_denoiser, save_quantized
+from idm.inference.upscaler import DiffusionSR
+from idm.resize import to_model_range
 from pipeline import tracking
+from pipeline.data.datasets import center_crop, make_pair
+from pipeline.data.images import read_image
 from pipeline.params import ROOT, Params, flatten, load
-from pipeline.stages import run, staged_dir
+from pipeline.stages import run
+from pipeline.workspace import staged_dir
 
-# The scales the evaluation asks for, in and out of the training range: activation
-# ranges calibrated at x2-x4 only left the out-of-distribution scales to clipping
-# (int8 - fp32 mean Y-PSNR -0.46 / -0.46 / -0.27 dB at x6 / x8 / x12 on the held-out
-# photos); one x8 crop took that to -0.14 / -0.12 / -0.16 with x2-x4 unchanged.
+# The scales the evaluation asks for, in and out of the training range, so that the
+# activation ranges cover the out-of-distribution scales too (docs/decisions.md,
+# "Calibration scales for int8").
 CALIBRATION_SCALES = (2.0, 3.0, 4.0, 8.0)
 
 
@@ -72,7 +74,7 @@ def main() -> None:
     if not args.checkpoint.is_file():
         raise FileNotFoundError(f"{args.checkpoint}: no trained model; run the train stage first (dvc repro train)")
     s = params.sample
-    fp32 = DiffusionSR.from_checkpoint(args.checkpoint, **s.method_options())
+    fp32 = DiffusionSR.from_checkpoint(args.checkpoint, s)
     int8 = quantize_denoiser(fp32.model, calibration_set(args.prepared), schedule=fp32.schedule,
                              timesteps=fp32.timesteps, temperature=s.temperature,
                              generator=torch.Generator().manual_seed(s.seed))

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from idm.datasets import scale_tag
-from idm.io import atomic_path
+from idm.files import atomic_path
 from pipeline import tracking
+from pipeline.data.datasets import scale_tag
+from pipeline.evaluation.report import plot_psnr_vs_scale, render_markdown, visual_grid
 from pipeline.params import ROOT, load
-from pipeline.reporting import plot_psnr_vs_scale, render_markdown, visual_grid
-from pipeline.stages import run, staged_dir
+from pipeline.stages import run
+from pipeline.workspace import staged_dir
 
 
 def main() -> None:

@@ -27,15 +27,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from idm.checkpoint import CheckpointError, check_same_configs, load_checkpoint, save_checkpoint
+from idm.checkpoint import (
+    CheckpointError,
+    check_same_configs,
+    load_checkpoint,
+    save_checkpoint,
+)
+from idm.config import RESUMABLE_CHANGES
 from idm.device import resolve_device
-from idm.io import atomic_path, read_image
-from idm.train import RESUMABLE_CHANGES, cleanup_distributed, fit, setup_distributed
+from idm.files import atomic_path
+from idm.train import cleanup_distributed, fit, setup_distributed
+from pipeline.data.images import read_image
 from pipeline.params import ROOT, Params, flatten, load
 from pipeline.stages import run
 
 
-def training_images(prepared: Path) -> list[np.ndarray]:
+def read_training_images(prepared: Path) -> list[np.ndarray]:
+    """The HR images of the manifest's train split, as (H, W, 3) uint8 arrays."""
     manifest = pd.read_csv(prepared / "manifest.csv")
     rows = manifest[manifest.split == "train"]
     if rows.empty:
@@ -68,7 +76,7 @@ def awaits_registration(out: Path, params: Params, inputs: str) -> bool:
             and record.get("step") == ckpt["step"] == params.train.steps)
 
 
-def reusable(path: Path, params: Params) -> str | None:
+def resume_blocker(path: Path, params: Params) -> str | None:
     """Why the checkpoint at `path` must not be resumed, or None if it is an interrupted run of this config."""
     if not path.exists():
         return "no checkpoint"
@@ -92,26 +100,35 @@ def export_inference(checkpoint: Path, out: Path) -> int:
 
 
 def sample_logger(params: Params, images: list[np.ndarray], device: torch.device):
-    """on_sample hook: the EMA model's x4 output for a fixed LR crop, logged as an MLflow image."""
+    """on_sample hook: the EMA model's x4 output for a fixed LR crop, logged as an MLflow image.
+
+    Sampled untiled with params.yaml's sampler, as evaluate samples this small a crop.
+    """
     import mlflow
 
-    from idm.datasets import center_crop, make_pair
-    from idm.diffusion import make_schedule
-    from idm.methods import DiffusionSR
-    from idm.sampling import spaced_timesteps
+    from idm.diffusion.sampling import (
+        SAMPLER_FUNCTIONS,
+        spaced_timesteps,
+        super_resolve,
+    )
+    from idm.diffusion.schedule import schedule_for
+    from idm.diffusion.targets import decoder
+    from idm.resize import to_model_range, to_uint8
+    from pipeline.data.datasets import center_crop, make_pair
 
     hr, lr = make_pair(center_crop(images[0], 128), 4)
-    d = params.diffusion
-    schedule = make_schedule(d.schedule, d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+    d, s = params.diffusion, params.sample  # the sample looks like what evaluate will produce
+    schedule = schedule_for(d)
+    timesteps = spaced_timesteps(d.timesteps, min(s.steps, d.timesteps), s.spacing)
+    decode = decoder(params.train.target, params.train.residual_scale)
 
-    s = params.sample  # the sample looks like what evaluate will produce
-
+    @torch.inference_mode()
     def log_sample(step: int, model: torch.nn.Module) -> None:
-        timesteps = spaced_timesteps(d.timesteps, min(s.steps, d.timesteps), s.spacing)
-        method = DiffusionSR(model, schedule=schedule, timesteps=timesteps, sampler=s.sampler, eta=s.eta,
-                             seed=s.seed, temperature=s.temperature, target=params.train.target,
-                             residual_scale=params.train.residual_scale, device=device)
-        mlflow.log_image(np.concatenate([method(lr, hr.shape[:2]), hr], axis=1), key="sample_x4", step=step)
+        generator = torch.Generator(device).manual_seed(s.seed)
+        out = super_resolve(model.to(device).eval(), to_model_range(lr, device), hr.shape[:2], timesteps,
+                            schedule=schedule, sampler=SAMPLER_FUNCTIONS[s.sampler], eta=s.eta,
+                            temperature=s.temperature, decode=decode, generator=generator)
+        mlflow.log_image(np.concatenate([to_uint8(out), hr], axis=1), key="sample_x4", step=step)
 
     return log_sample
 
@@ -125,7 +142,7 @@ def main() -> None:
     params = load(args.params)
     if params.train_stage.threads:
         torch.set_num_threads(params.train_stage.threads)
-    images = training_images(args.prepared)
+    images = read_training_images(args.prepared)
     inputs = inputs_digest(images)
     info = setup_distributed(resolve_device(params.train_stage.device))
     try:
@@ -137,7 +154,7 @@ def main() -> None:
                       "without training again")
             else:
                 (args.out / PENDING).unlink(missing_ok=True)
-                reason = reusable(ckpt_path, params)
+                reason = resume_blocker(ckpt_path, params)
                 if reason is None:
                     print(f"resuming from {ckpt_path}")
                 elif ckpt_path.exists():
@@ -160,8 +177,8 @@ def train_and_register(params: Params, images: list[np.ndarray], device: torch.d
     """
     import mlflow
 
-    from pipeline.mlflow_model import MODEL_NAME, log_and_register
-    from pipeline.tracking import stage_run
+    from pipeline.mlflow_model import log_and_register
+    from pipeline.tracking import MODEL_NAME, stage_run
 
     ckpt_path = out / "checkpoint.pt"
     with stage_run("train", tags={"model": "idm"}, params=flatten(params)) as active:

@@ -22,11 +22,19 @@ from idm.checkpoint import load_checkpoint, save_checkpoint
 from pipeline import cli
 from pipeline.params import load
 from tests.helpers import photo
-from tests.reliability.harness import (STAGES, assert_one_line_error, leftovers, run_stage, snapshot, stage_args,
-                                       tiny_params, write_params)
-from tests.test_checkpoint import _Payload
-from tests.test_cli import checkpoint  # noqa: F401 -- an untrained tiny model, module-scoped
-from tests.test_io import _png_header_only
+from tests.idm.test_checkpoint import _Payload
+from tests.pipeline.data.test_images import _png_header_only
+from tests.pipeline.test_cli import checkpoint  # noqa: F401 -- an untrained tiny model, module-scoped
+from tests.reliability.harness import (
+    STAGES,
+    assert_one_line_error,
+    leftovers,
+    run_stage,
+    snapshot,
+    stage_args,
+    tiny_params,
+    write_params,
+)
 
 pytestmark = pytest.mark.reliability
 
@@ -236,7 +244,7 @@ def prepared(tmp_path_factory):
 
 
 def test_a_malicious_pickle_never_runs_wherever_a_checkpoint_is_read(checkpoint, prepared, tmp_path, capsys):  # noqa: F811
-    from pipeline.stages.train import reusable
+    from pipeline.stages.train import resume_blocker as reusable
 
     marker = tmp_path / "pwned"
     ckpt = load_checkpoint(checkpoint)

@@ -30,11 +30,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from idm.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
+from idm.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
 from idm.models import IDM
 from pipeline.params import load
 from tests.helpers import stage_store_runs
-from tests.reliability.harness import dvc, dvc_project, kill_group, leftovers, start_dvc, wait_for
+from tests.reliability.harness import (
+    dvc,
+    dvc_project,
+    kill_group,
+    leftovers,
+    start_dvc,
+    wait_for,
+)
 
 pytestmark = pytest.mark.reliability
 

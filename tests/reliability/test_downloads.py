@@ -14,8 +14,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.harness import assert_one_line_error, leftovers, run_stage, snapshot, write_params
-from tests.test_fetch import BLUE, RED, first_fail, make_tar, make_zip, malicious, redirect, send, server, status  # noqa: F401
+from tests.pipeline.data.test_archives import malicious
+from tests.pipeline.data.test_fetch import (  # noqa: F401
+    BLUE,
+    RED,
+    first_fail,
+    make_tar,
+    make_zip,
+    redirect,
+    send,
+    server,
+    status,
+)
+from tests.reliability.harness import (
+    assert_one_line_error,
+    leftovers,
+    run_stage,
+    snapshot,
+    write_params,
+)
 
 pytestmark = pytest.mark.reliability
 
@@ -41,7 +58,7 @@ def chunked_then_cut(data: bytes):
 @pytest.fixture
 def web(server, tmp_path, monkeypatch):
     """Paths and a `download(url, sha256=None)` that runs the stage; data/raw starts with a good download."""
-    monkeypatch.setattr("idm.fetch.time.sleep", lambda seconds: None)  # retry back-off
+    monkeypatch.setattr("pipeline.data.fetch.time.sleep", lambda seconds: None)  # retry back-off
     server.routes["/good/data.zip"] = send(GOOD)
     paths = {"raw": tmp_path / "data" / "raw", "cache": tmp_path / "data" / "cache", "params": tmp_path / "params.yaml"}
 

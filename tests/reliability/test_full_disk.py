@@ -21,14 +21,21 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import idm.checkpoint
-import idm.fetch
+import pipeline.data.fetch
 from idm.checkpoint import load_checkpoint
 from pipeline import cli
 from tests.helpers import photo
-from tests.reliability.harness import (assert_one_line_error, leftovers, prepared_workspace, run_stage, snapshot,
-                                       stage_args, write_params)
-from tests.test_cli import checkpoint  # noqa: F401 -- an untrained tiny model, module-scoped
-from tests.test_fetch import RED, make_zip, send, server  # noqa: F401
+from tests.pipeline.data.test_fetch import RED, make_zip, send, server  # noqa: F401
+from tests.pipeline.test_cli import checkpoint  # noqa: F401 -- an untrained tiny model, module-scoped
+from tests.reliability.harness import (
+    assert_one_line_error,
+    leftovers,
+    prepared_workspace,
+    run_stage,
+    snapshot,
+    stage_args,
+    write_params,
+)
 
 pytestmark = pytest.mark.reliability
 
@@ -99,7 +106,7 @@ def test_a_full_disk_while_downloading_keeps_the_previous_download(server, tmp_p
             f.write = lambda data: full_disk()(None, data)
         return f
 
-    monkeypatch.setattr(idm.fetch, "open", full_file, raising=False)
+    monkeypatch.setattr(pipeline.data.fetch, "open", full_file, raising=False)
     assert_one_line_error(*run_stage("download", "--params", params, "--out", raw, "--cache", cache),
                           FULL, "free some disk space")
     assert snapshot(raw) == before and leftovers(tmp_path) == []

@@ -12,7 +12,8 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline import serve, tracking
+from pipeline import servers as serve
+from pipeline import tracking
 from tests.reliability.harness import ROOT
 
 pytestmark = pytest.mark.reliability

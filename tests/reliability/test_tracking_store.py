@@ -18,7 +18,13 @@ import mlflow
 import pytest
 
 from pipeline import tracking
-from tests.reliability.harness import assert_one_line_error, prepared_workspace, run_stage, snapshot, stage_args
+from tests.reliability.harness import (
+    assert_one_line_error,
+    prepared_workspace,
+    run_stage,
+    snapshot,
+    stage_args,
+)
 
 pytestmark = pytest.mark.reliability
 

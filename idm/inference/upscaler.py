@@ -1,0 +1,117 @@
+"""Super-resolution methods behind one interface: (LR image, target size) -> SR image.
+
+Evaluation, the report and the CLI only see `Method`; bicubic is the baseline, and
+`DiffusionSR` (an IDM checkpoint, fp32 or int8) plugs in by satisfying the same protocol.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from idm.checkpoint import build_model, load_checkpoint
+from idm.config import DiffusionConfig, SampleConfig
+from idm.diffusion.sampling import SAMPLER_FUNCTIONS, spaced_timesteps, super_resolve
+from idm.diffusion.schedule import schedule_for
+from idm.diffusion.targets import decoder
+from idm.inference.memory import choose_tile
+from idm.inference.tiling import tiled_super_resolve
+from idm.resize import resize_uint8, to_model_range, to_uint8
+
+
+class Method(Protocol):
+    """Maps an (h, w, 3) uint8 LR image to an (H, W, 3) uint8 image of `size` = (H, W)."""
+
+    name: str
+
+    def __call__(self, lr: np.ndarray, size: tuple[int, int]) -> np.ndarray: ...
+
+
+class Bicubic:
+    """Bicubic interpolation with the project's one resize function (idm.resize)."""
+
+    name = "bicubic"
+
+    def __call__(self, lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return resize_uint8(lr, size)
+
+
+class DiffusionSR:
+    """An IDM network as a Method: condition once per image, then the sampler `sample` describes.
+
+    The initial noise comes from a generator seeded with `sample.seed` for every image,
+    so outputs are reproducible image by image whatever the evaluation order. An output
+    whose untiled run would exceed `sample.max_memory_gb` (idm.inference.memory) is made
+    tile by tile (idm.inference.tiling). `diffusion` gives the noise schedule the model
+    was trained with; `target` and `residual_scale` what its diffusion denoises
+    (idm.diffusion.targets). Assigning `sample` re-spaces the steps.
+    """
+
+    def __init__(self, model: nn.Module, *, diffusion: DiffusionConfig, target: str = "image",
+                 residual_scale: float = 1.0, sample: SampleConfig = SampleConfig(),
+                 device: torch.device | str = "cpu", name: str = "idm") -> None:
+        self.model = model.to(device).eval()
+        self.schedule, self.clip_x0 = schedule_for(diffusion), diffusion.clip_x0
+        self.decode = decoder(target, residual_scale)
+        self.device, self.name = torch.device(device), name
+        self.sample = sample
+
+    @property
+    def sample(self) -> SampleConfig:
+        """The sampling settings (validated by SampleConfig)."""
+        return self._sample
+
+    @sample.setter
+    def sample(self, sample: SampleConfig) -> None:
+        total = self.schedule.timesteps
+        # Steps beyond the schedule's T are clamped to T.
+        self.timesteps = spaced_timesteps(total, min(sample.steps, total), sample.spacing)
+        self._sample = sample
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, sample: SampleConfig = SampleConfig(), *,
+                        device: torch.device | str = "cpu", name: str = "idm") -> DiffusionSR:
+        """Rebuild the EMA model a checkpoint describes, with its own schedule and target."""
+        ckpt = load_checkpoint(path)
+        train = ckpt["train_config"]
+        return cls(build_model(ckpt, use_ema=True), diffusion=DiffusionConfig(**ckpt["diffusion_config"]),
+                   target=train["target"], residual_scale=train["residual_scale"], sample=sample,
+                   device=device, name=name)
+
+    def __call__(self, lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return self.upscale(lr, size, self.tile_for(lr.shape[:2], size))
+
+    @torch.inference_mode()
+    def upscale(self, lr: np.ndarray, size: tuple[int, int], tile: int | None) -> np.ndarray:
+        """`__call__` with the tile given: `tile_for`'s choice (None: in one piece), so a
+        caller that reports how the image was split reports what ran."""
+        x_lr = to_model_range(lr, self.device)
+        generator = torch.Generator(self.device).manual_seed(self.sample.seed)
+        if tile is None:
+            s = self.sample
+            image = super_resolve(self.model, x_lr, size, self.timesteps, schedule=self.schedule,
+                                  sampler=SAMPLER_FUNCTIONS[s.sampler], eta=s.eta, clip_x0=self.clip_x0,
+                                  temperature=s.temperature, decode=self.decode, generator=generator)
+        else:
+            image = tiled_super_resolve(self.model, x_lr, size, self.timesteps, schedule=self.schedule,
+                                        sample=self.sample, tile=tile, clip_x0=self.clip_x0, decode=self.decode,
+                                        generator=generator)
+        return to_uint8(image)
+
+    def tile_for(self, lr_size: tuple[int, int], size: tuple[int, int]) -> int | None:
+        """The square LR tile side an (h, w) -> `size` upscale runs in (`choose_tile` under
+        the sample's memory bound), or None when it runs in one piece."""
+        s = self.sample
+        return choose_tile(self.model.cfg, tuple(lr_size), tuple(size), max_bytes=s.max_bytes,
+                           overlap=s.tile_overlap, context=s.tile_context, norm=s.tile_norm)
+
+    def use_int8(self, path: str | Path) -> DiffusionSR:
+        """Swap in the int8 denoiser saved at `path` (idm.inference.quantize); int8 kernels run on CPU only."""
+        from idm.inference.quantize import load_quantized
+
+        self.model, self.device = load_quantized(path), torch.device("cpu")
+        return self

@@ -1,0 +1,1 @@
+"""Acquiring images: sources, downloads, archives, image files, LR/HR pairs."""

@@ -1,0 +1,91 @@
+"""Image reading and writing: any common format in, 8-bit RGB out; writes are atomic (idm.files).
+
+Pillow does the decoding; this module only normalises modes (greyscale, alpha,
+palette, CMYK, 16-bit) to 8-bit RGB, refuses decompression bombs before decoding,
+and turns every decoding failure into one error that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from idm.files import atomic_path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# 16k x 16k: far above any SR test image, far below what would exhaust memory.
+DEFAULT_MAX_PIXELS = 16384 * 16384
+
+
+class ImageReadError(ValueError):
+    """An input file is not a readable image (or is too large to decode safely)."""
+
+
+def _to_rgb8(img: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to an (H, W, 3) uint8 array."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16/32-bit greyscale: Pillow's convert("L") clips instead of rescaling.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F" and arr.max(initial=0) <= 1.0:
+            peak = 1.0
+        grey = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    # Alpha is dropped (not composited): SR datasets score the colour channels only.
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as an (H, W, 3) uint8 RGB array in [0, 255].
+
+    Greyscale, alpha, palette, CMYK and 16-bit inputs are converted; EXIF rotation is
+    applied. Raises ImageReadError naming the file for anything unreadable, zero-byte,
+    truncated, smaller than 1x1 or larger than `max_pixels` (checked from the header,
+    before any pixel is decoded).
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageReadError(
+                        f"{path}: image too large: it declares {width}x{height} pixels, above the "
+                        f"limit of {max_pixels} (a decompression bomb or an oversized input)"
+                    )
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                arr = _to_rgb8(img)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"{path}: image too large: {err}") from None
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: no such file") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(f"{path}: not a readable image ({err})") from None
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageReadError(f"{path}: image has no pixels")
+    return arr
+
+
+def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write an (H, W, 3) or (H, W) uint8 array as PNG, atomically."""
+    if img.dtype != np.uint8:
+        raise TypeError(f"write_image expects uint8, got {img.dtype}")
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in `folder` (by suffix, case-insensitive), sorted by name."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

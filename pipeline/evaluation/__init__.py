@@ -1,0 +1,1 @@
+"""Scoring methods: metrics, the evaluation of a method over test pairs, the report."""

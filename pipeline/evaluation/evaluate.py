@@ -1,0 +1,94 @@
+"""Run a method over LR/HR pairs and score it, per image and per dataset x scale.
+
+Metric conventions (BasicSR/SwinIR): images in [0, 255]; PSNR/SSIM on the Y channel
+(BT.601) and on RGB after cropping ceil(scale) border pixels; LR-consistency is the
+MSE of the resized-down output against the LR input; LPIPS (AlexNet) per image; FID
+per dataset x scale over the whole set. Names follow `<metric>.<dataset>.x<scale>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from idm.inference.upscaler import Method
+from pipeline.data.datasets import scale_tag
+from pipeline.data.images import read_image, write_image
+from pipeline.evaluation import metrics
+from pipeline.evaluation.names import PER_IMAGE_METRICS, metric_name
+
+
+def score_image(sr: np.ndarray, hr: np.ndarray, lr: np.ndarray, scale: float, lpips: metrics.LPIPS | None) -> dict[str, float]:
+    """All per-image metrics of one (H, W, 3) uint8 SR image against its HR and LR."""
+    border = metrics.border_for(scale)
+    scores = {
+        "psnr_y": metrics.psnr(sr, hr, border=border, y_channel=True),
+        "ssim_y": metrics.ssim(sr, hr, border=border, y_channel=True),
+        "psnr_rgb": metrics.psnr(sr, hr, border=border, y_channel=False),
+        "ssim_rgb": metrics.ssim(sr, hr, border=border, y_channel=False),
+        "consistency": metrics.lr_consistency(sr, lr),
+    }
+    if lpips is not None:
+        scores["lpips"] = lpips(sr, hr)
+    return scores
+
+
+def run_method(
+    method: Method,
+    pairs: pd.DataFrame,
+    root: Path,
+    *,
+    out_dir: Path | None = None,
+    lpips: metrics.LPIPS | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Apply `method` to every test pair (manifest rows; paths relative to `root`).
+
+    Saves each output as out_dir/<method>/<dataset>/x<scale>/<image>.png when out_dir
+    is given. Returns one row per pair: method, dataset, image, scale, in_distribution,
+    hr and sr paths (relative to `root` and `out_dir`) and the per-image metrics.
+    """
+    rows = []
+    for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc=method.name, disable=not progress):
+        hr, lr = read_image(root / pair.hr), read_image(root / pair.lr)
+        sr = method(lr, hr.shape[:2])
+        if sr.shape != hr.shape or sr.dtype != np.uint8:
+            raise ValueError(f"method {method.name!r} returned {sr.shape} {sr.dtype} for {pair.lr}, expected {hr.shape} uint8")
+        sr_rel = f"{method.name}/{pair.dataset}/{scale_tag(pair.scale)}/{pair.image}.png"
+        if out_dir is not None:
+            write_image(out_dir / sr_rel, sr)
+        rows.append(dict(
+            method=method.name, dataset=pair.dataset, image=pair.image, scale=pair.scale,
+            in_distribution=bool(pair.in_distribution), hr=pair.hr, sr=sr_rel,
+            **score_image(sr, hr, lr, pair.scale, lpips),
+        ))
+    return pd.DataFrame(rows)
+
+
+def summarize(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Mean of each per-image metric per method x dataset x scale, with the image count."""
+    keys = ["method", "dataset", "scale", "in_distribution"]
+    present = [m for m in PER_IMAGE_METRICS if m in per_image]
+    table = per_image.groupby(keys, sort=True)[present].mean().reset_index()
+    table["n_images"] = per_image.groupby(keys, sort=True).size().to_numpy()
+    return table
+
+
+def fid_by_group(
+    per_image: pd.DataFrame, pairs_root: Path, sr_root: Path, make_fid: Callable[[], metrics.FID]
+) -> tuple[dict[tuple[str, str, float], float], dict[str, str]]:
+    """FID of SR vs HR images per (method, dataset, scale); groups that cannot be scored are explained."""
+    values, unavailable = {}, {}
+    for (method, dataset, scale), group in per_image.groupby(["method", "dataset", "scale"]):
+        fid = make_fid()
+        for row in group.itertuples(index=False):
+            fid.update(read_image(sr_root / row.sr), read_image(pairs_root / row.hr))
+        try:
+            values[(method, dataset, scale)] = fid.compute()
+        except metrics.MetricUnavailable as err:
+            unavailable[metric_name("fid", dataset, scale)] = str(err)
+    return values, unavailable

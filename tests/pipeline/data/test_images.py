@@ -1,0 +1,105 @@
+"""Image reading: every mode becomes 8-bit RGB, every bad file a one-line error naming it."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.images import ImageReadError, list_images, read_image, write_image
+from tests.helpers import photo
+
+
+def test_modes_become_rgb8(image_folder):
+    for path in list_images(image_folder):
+        img = read_image(path)
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3, path.name
+
+
+def test_conversion_values(tmp_path):
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(grey).save(tmp_path / "l.png")
+    assert (read_image(tmp_path / "l.png") == grey[..., None]).all()
+    sixteen = (grey.astype(np.uint16) * 257)
+    Image.fromarray(sixteen).save(tmp_path / "i16.png")
+    assert (read_image(tmp_path / "i16.png") == grey[..., None]).all(), "16-bit rescaled, not clipped"
+    rgba = np.dstack([photo(8, 8), np.full((8, 8), 7, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert (read_image(tmp_path / "rgba.png") == rgba[..., :3]).all()
+    Image.fromarray(photo(8, 8)).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    assert read_image(tmp_path / "cmyk.jpg").shape == (8, 8, 3)
+
+
+def test_palette_round_trip(tmp_path):
+    pal = Image.fromarray(photo(20, 20)).convert("P")
+    pal.save(tmp_path / "p.png")
+    assert (read_image(tmp_path / "p.png") == np.asarray(pal.convert("RGB"))).all()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 10],
+    ids=["zero-byte", "text", "bad-png"],
+)
+def test_unreadable_files_name_the_file(tmp_path, content):
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_truncated_png(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(photo(64, 64)).save(good)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ImageReadError, match="cut.png: not a readable image"):
+        read_image(cut)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(50_000, 50_000))
+    with pytest.raises(ImageReadError, match="bomb.png: image too large"):
+        read_image(bomb)
+    small_limit = tmp_path / "big.png"
+    small_limit.write_bytes(_png_header_only(5_000, 4_000))
+    with pytest.raises(ImageReadError, match="declares 5000x4000 pixels, above the limit of 1000000"):
+        read_image(small_limit, max_pixels=1_000_000)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageReadError, match="no such file"):
+        read_image(tmp_path / "nope.png")
+
+
+def test_one_pixel_image_reads(tmp_path):
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(tmp_path / "one.png")
+    assert read_image(tmp_path / "one.png").tolist() == [[[1, 2, 3]]]
+
+
+def test_write_image_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "out" / "a.png"
+    write_image(path, photo(10, 12))
+    assert (read_image(path) == photo(10, 12)).all()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_image(path, np.zeros((4, 4, 3), np.uint8))
+    assert (read_image(path) == photo(10, 12)).all(), "previous file intact"
+    assert [p.name for p in path.parent.iterdir()] == ["a.png"], "no temp file left"

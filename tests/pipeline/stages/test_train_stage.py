@@ -1,0 +1,83 @@
+"""train -> evaluate -> registry, through the stage entry points, on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY, make_image_folder, stage_store_client, stage_store_runs
+from tests.pipeline.stages.test_stages import assert_user_error, stage, write_params
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp_path = tmp_path_factory.mktemp("train_stage")
+    image_folder = make_image_folder(tmp_path / "images")
+    params = write_params(tmp_path / "params.yaml", [{"name": "tiny", "source": "folder", "path": str(image_folder),
+                                                     "test_fraction": 0.5}], **{k: v for k, v in TINY.items() if k == "evaluate"})
+    import yaml
+
+    raw = yaml.safe_load(params.read_text())
+    raw.update({k: v for k, v in TINY.items() if k != "evaluate"})
+    params.write_text(yaml.safe_dump(raw))
+    p = {"params": params, "raw": tmp_path / "raw", "prepared": tmp_path / "prepared", "models": tmp_path / "models",
+         "reports": tmp_path / "reports", "sr": tmp_path / "sr"}
+    assert stage("download", "--params", params, "--out", p["raw"]).returncode == 0
+    assert stage("prepare", "--params", params, "--raw", p["raw"], "--out", p["prepared"]).returncode == 0
+    r = stage("train", "--params", params, "--prepared", p["prepared"], "--out", p["models"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return p
+
+
+def evaluate(p: dict[str, Path], *extra: str | Path) -> subprocess.CompletedProcess:
+    return stage("evaluate", "--params", p["params"], "--prepared", p["prepared"], "--sr-out", p["sr"],
+                 "--metrics", p["reports"] / "metrics.json", "--scales", p["reports"] / "scales.csv",
+                 "--per-image", p["reports"] / "per_image.csv", "--checkpoint", p["models"] / "model.pt", *extra)
+
+
+@pytest.mark.slow
+def test_train_registers_and_evaluate_links(trained):
+    p = trained
+    record = json.loads((p["models"] / "registered.json").read_text())
+    client = stage_store_client()
+    version = client.get_model_version_by_alias("idm", "candidate")
+    assert str(version.version) == record["version"] and version.run_id == record["run_id"]
+    train_run = client.get_run(record["run_id"])
+    assert train_run.data.tags["dvc_stage"] == "train"
+    assert train_run.data.params["train.steps"] == "6"
+    assert [m.step for m in client.get_metric_history(record["run_id"], "loss")] == [2, 4, 6]
+    assert any(a.path.startswith("images") for a in client.list_artifacts(record["run_id"])), "sample images logged"
+
+    r = evaluate(p)
+    assert r.returncode == 0, r.stderr[-3000:]
+    numbers = json.loads((p["reports"] / "metrics.json").read_text())
+    assert {"bicubic", "idm"} <= set(numbers)
+    assert set(numbers["idm"]) == set(numbers["bicubic"])
+    assert stage_store_runs("tags.method = 'idm'")[0].data.tags["train_run_id"] == record["run_id"]
+
+    # A registered model evaluates by URI, outside DVC, under its own label.
+    r = evaluate(p, "--model-uri", "models:/idm@candidate", "--label", "champion")
+    assert r.returncode == 0, r.stderr[-3000:]
+    by_uri = json.loads((p["reports"] / "metrics.json").read_text())
+    assert set(by_uri) == {"champion", "unavailable"}
+    assert by_uri["champion"] == pytest.approx(numbers["idm"], abs=1e-6), "same weights, same sampler, same numbers"
+
+
+@pytest.mark.slow
+def test_evaluate_without_model_is_a_clear_error(trained):
+    r = evaluate(trained, "--checkpoint", trained["models"] / "missing.pt")
+    assert_user_error(r, "missing.pt: no trained model; run the train stage first")
+    r = evaluate(trained, "--model-uri", "models:/idm/999", "--label", "x")
+    assert_user_error(r, "cannot load model 'models:/idm/999'")
+
+
+def test_train_without_training_images(tmp_path, image_folder):
+    params = write_params(tmp_path / "params.yaml", [{"name": "t", "source": "folder", "path": str(image_folder)}])
+    assert stage("download", "--params", params, "--out", tmp_path / "raw").returncode == 0
+    assert stage("prepare", "--params", params, "--raw", tmp_path / "raw", "--out", tmp_path / "prep").returncode == 0
+    r = stage("train", "--params", params, "--prepared", tmp_path / "prep", "--out", tmp_path / "models")
+    assert_user_error(r, "no training images")
+    assert not (tmp_path / "models").exists()

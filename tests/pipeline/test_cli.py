@@ -1,0 +1,103 @@
+"""`idm upscale`: round trips on awkward inputs and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from idm.checkpoint import make_checkpoint, save_checkpoint
+from idm.config import DiffusionConfig, ModelConfig
+from idm.models import IDM
+from idm.config import TrainConfig
+from pipeline.data.images import read_image
+from tests.helpers import TINY, photo
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny model: the CLI's plumbing does not depend on what it learned."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{k: v for k, v in TINY["model"].items() if k != "preset"})
+    model = IDM(cfg)
+    path = tmp_path_factory.mktemp("cli") / "model.pt"
+    save_checkpoint(make_checkpoint(model_config=cfg, diffusion_config=DiffusionConfig(timesteps=50),
+                                    train_config=TrainConfig(target="residual", patch_size=16), model=model.state_dict(),
+                                    ema=model.state_dict(), optimizer={}, step=0, rng=[]), path)
+    return path
+
+
+def idm(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_upscale_greyscale_and_rgba(tmp_path, checkpoint):
+    Image.fromarray(photo(20, 24)).convert("L").save(tmp_path / "grey.png")
+    Image.fromarray(photo(18, 16)).convert("RGBA").save(tmp_path / "rgba.png")
+    r = idm("upscale", tmp_path / "grey.png", tmp_path / "rgba.png", "--scale", "2.5", "--model", checkpoint,
+            "--steps", "2", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    grey, rgba = read_image(tmp_path / "out" / "grey_x2.5.png"), read_image(tmp_path / "out" / "rgba_x2.5.png")
+    assert grey.shape == (50, 60, 3) and rgba.shape == (45, 40, 3)
+
+
+def test_upscale_to_size(tmp_path, checkpoint):
+    Image.fromarray(photo(10, 20)).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", "--size", "57x31", "--model", checkpoint, "--steps", "1", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert read_image(tmp_path / "a_57x31.png").shape == (31, 57, 3)
+    assert r.stdout.strip().endswith("(57x31)")  # one piece: no tiling to report
+
+
+def test_tiled_output_matches_requested_size(tmp_path, checkpoint):
+    Image.fromarray(photo(40, 40)).save(tmp_path / "a.png")
+    # Untiled, 320x320 needs an estimated 0.84 GiB (0.75 of it torch itself); under 0.82 GiB
+    # it is made in 4 tiles of 25 LR px with their context.
+    r = idm("upscale", tmp_path / "a.png", "--scale", "8", "--model", checkpoint, "--steps", "1",
+            "--max-memory-gb", "0.82", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert read_image(tmp_path / "a_x8.png").shape == (320, 320, 3)
+    assert "(320x320) in 4 tiles of 25 LR px (in one piece it would need ~0.84 GiB, above --max-memory-gb 0.82)" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--scale", "1"], "scale must be a finite number > 1"),
+        (["--scale", "nan"], "scale must be a finite number > 1"),
+        (["--scale", "-3"], "scale must be a finite number > 1"),
+        (["--size", "big"], "--size must look like 1920x1080"),
+        (["--scale", "2", "--spacing", "cosine"], "argument --spacing: invalid choice: 'cosine'"),
+        (["--scale", "2", "--tile-norm", "batch"], "argument --tile-norm: invalid choice: 'batch'"),
+    ],
+)
+def test_bad_arguments(tmp_path, checkpoint, args, message):
+    Image.fromarray(photo(8, 8)).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", *args, "--model", checkpoint, "--out", tmp_path / "out")
+    assert r.returncode == 2 and message in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_image_and_missing_model(tmp_path, checkpoint):
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    Image.fromarray(photo(8, 8)).save(tmp_path / "good.png")
+    r = idm("upscale", tmp_path / "good.png", tmp_path / "bad.png", "--scale", "2", "--model", checkpoint, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "bad.png: not a readable image" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists(), "nothing written when any input is bad"
+    r = idm("upscale", tmp_path / "good.png", "--scale", "2", "--model", tmp_path / "none.pt", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "none.pt: no such model checkpoint" in r.stderr
+
+
+def test_memory_bound_without_tiling(tmp_path, checkpoint):
+    Image.fromarray(photo(40, 40)).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", "--scale", "8", "--model", checkpoint, "--no-tiling",
+            "--max-memory-gb", "0.3", "--out", tmp_path / "out")
+    assert r.returncode == 2 and "above the bound" in r.stderr and "enable tiling" in r.stderr
+    assert not (tmp_path / "out").exists()

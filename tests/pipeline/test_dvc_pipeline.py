@@ -1,0 +1,144 @@
+"""dvc.yaml: every stage's deps cover the code it runs, and `dvc repro` over it in a scratch copy."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+# The layers whose code computes a stage's outputs; the plumbing around them (params,
+# MLflow tracking, the stage runner, swapping outputs into place) is not followed.
+COMPUTE = ("idm", "pipeline.data", "pipeline.evaluation")
+
+
+def _module_file(name: str) -> Path | None:
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported(path: Path) -> set[str]:
+    """Project modules `path` imports anywhere (module level or inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names if _module_file(f"{node.module}.{a.name}")}
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}  # a module imports its packages
+    return {n for n in found if n.split(".")[0] in ("idm", "pipeline") and _module_file(n)}
+
+
+def _only_docstring(path: Path) -> bool:
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
+def code_run_by(module: str) -> set[str]:
+    """Files (relative to the project) of the compute-layer modules `module` runs, transitively."""
+    seen, todo = {module}, [module]
+    while todo:
+        for name in _imported(_module_file(todo.pop())):
+            if name not in seen and any(name == c or name.startswith(c + ".") for c in COMPUTE):
+                seen.add(name)
+                todo.append(name)
+    files = {_module_file(n) for n in seen}
+    return {str(f.relative_to(ROOT)) for f in files if not (f.name == "__init__.py" and _only_docstring(f))}
+
+
+def _stages() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _covered(path: str, deps: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(_stages()))
+def test_stage_deps_cover_the_code_it_runs(stage: str) -> None:
+    spec = _stages()[stage]
+    module = spec["cmd"].split("python -m ")[1].split()[0]
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in spec["deps"]]
+    missing = sorted(f for f in code_run_by(module) if not _covered(f, deps))
+    assert not missing, f"{stage} runs code its dvc.yaml deps do not name: {missing}"
+    assert all((ROOT / d).exists() for d in deps if not d.startswith(("data/", "models/", "reports/")))
+
+
+def test_inference_and_evaluation_code_is_not_a_train_dependency() -> None:
+    stages = _stages()
+    train = [d if isinstance(d, str) else next(iter(d)) for d in stages["train"]["deps"]]
+    assert not _covered("idm/inference/tiling.py", train) and not _covered("pipeline/evaluation/metrics.py", train)
+    assert not [f for f in code_run_by("pipeline.stages.train") if f.startswith(("idm/inference", "pipeline/evaluation"))]
+    assert "idm/inference/tiling.py" in code_run_by("pipeline.stages.evaluate")
+    assert _covered("idm/inference/tiling.py", stages["evaluate"]["deps"])
+
+
+def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def project(tmp_path: Path, image_folder: Path) -> Path:
+    work = tmp_path / "project"
+    work.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, work / name)
+    for name in ("idm", "pipeline", ".dvc"):
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["datasets"] = [{"name": "tiny", "source": "folder", "path": str(image_folder), "test_fraction": 0.5}]
+    params["prepare"] = {"scales": [2, 3], "ood_scales": [4], "seed": 0}
+    params.update({k: v for k, v in TINY.items() if k != "evaluate"})
+    params["evaluate"].update(lpips=False, fid=False, device="cpu", methods=["bicubic", "idm", "idm-int8"])
+    params["report"].update(crop=16)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    return work
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage_then_is_up_to_date(project):
+    first = dvc(project, "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    for stage in ("download", "prepare", "train", "quantize", "evaluate", "report"):
+        assert f"Running stage '{stage}'" in first.stdout
+    numbers = json.loads((project / "reports" / "metrics.json").read_text())
+    assert set(numbers["idm"]) == set(numbers["bicubic"]) == set(numbers["idm-int8"])
+    report = json.loads((project / "models" / "idm-int8" / "report.json").read_text())
+    assert report["int8_bytes"] < report["fp32_bytes"]
+    assert (project / "models" / "idm" / "registered.json").exists()
+    assert numbers["bicubic"]["psnr_y.tiny.x2"] > numbers["bicubic"]["psnr_y.tiny.x3"] > numbers["bicubic"]["psnr_y.tiny.x4"] > 15
+    assert (project / "reports" / "report.md").read_text().startswith("# IDM evaluation report")
+    assert (project / "dvc.lock").exists()
+
+    second = dvc(project, "repro")
+    assert second.returncode == 0 and "Data and pipelines are up to date." in second.stdout
+
+    shown = dvc(project, "metrics", "show", "--json")
+    assert "psnr_y.tiny.x2" in shown.stdout
+
+    # An edit to inference or evaluation code re-runs what uses it, never training.
+    for path in ("idm/inference/tiling.py", "pipeline/evaluation/metrics.py"):
+        with open(project / path, "a") as f:
+            f.write("# an edit\n")
+    status = dvc(project, "status", "--json")
+    changed = json.loads(status.stdout)
+    assert "evaluate" in changed and "quantize" in changed
+    assert "train" not in changed and "prepare" not in changed
