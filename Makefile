@@ -22,10 +22,13 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The project's params check runs first: DVC reads params.yaml too, and would expand a hostile one.
 run: $(STAMP)
+	$(VENV)/bin/python -m pipeline.params
 	dvc repro
 
 test: $(STAMP)
+	$(VENV)/bin/python -m pipeline.params
 	$(VENV)/bin/python -m pytest
 
 ui: $(STAMP)

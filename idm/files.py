@@ -25,7 +25,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -51,14 +51,26 @@ def naming(path: str | os.PathLike) -> Iterator[None]:
 
 
 def remove_stale_temps(path: str | os.PathLike) -> None:
-    """Delete the `.<name>.*.tmp` files beside `path` that atomic writers killed mid-write left.
+    """Delete the `.<name>.<pid>-*.tmp` files beside `path` that writers killed mid-write left.
 
-    Call it after writing `path`: writers of one file never run concurrently, so any such
-    file is a leftover (a killed training run can leave a half-written checkpoint there).
+    Only those of processes that no longer exist: a concurrent writer's file is left alone.
     """
     path = Path(path)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
+        pid = stale.name[len(path.name) + 2:].partition("-")[0]
+        if not (pid.isdigit() and int(pid) != os.getpid() and process_exists(int(pid))):
+            stale.unlink(missing_ok=True)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process `pid` exists (signal 0: an existence check only)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def fsync_dir(directory: Path) -> None:

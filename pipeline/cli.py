@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
-from idm.config import SAMPLERS, SPACINGS, TILE_NORMS, SampleConfig
+from idm.config import SAMPLERS, SPACINGS, TILE_NORMS, ConfigError, SampleConfig
 from idm.resize import check_scale, target_size
 from pipeline.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageReadError,
+    probe_image,
     read_image,
     write_image,
 )
@@ -46,24 +49,35 @@ def parse_scale(text: str) -> float:
         raise argparse.ArgumentTypeError(message) from None
 
 
-def load_method(args: argparse.Namespace):
-    """The IDM method for --model (a checkpoint path or an MLflow model URI), fp32 or int8."""
-    from idm.device import resolve_device
-    from idm.inference.upscaler import DiffusionSR
+MODEL_URI_SCHEMES = ("models:/", "runs:/", "file://")
 
-    path = Path(args.model)
-    if "://" in args.model or args.model.startswith("models:/"):
+
+def load_method(args: argparse.Namespace, sample: SampleConfig):
+    """The IDM method for --model (a checkpoint path or an MLflow model URI), fp32 or int8.
+
+    A model URI is downloaded into a temporary folder that is removed once the weights
+    are in memory, whatever happens.
+    """
+    if "://" in args.model or args.model.startswith(("models:/", "runs:/")):
+        if not args.model.startswith(MODEL_URI_SCHEMES):
+            raise ValueError(f"--model {args.model!r}: unsupported model URI; give a checkpoint path, file://PATH, "
+                             "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")
         from pipeline.mlflow_model import checkpoint_from_uri
         from pipeline.tracking import setup
 
         setup()
-        path = checkpoint_from_uri(args.model)
-    elif not path.is_file():
+        with tempfile.TemporaryDirectory(prefix="idm-model-") as tmp:
+            return _method(checkpoint_from_uri(args.model, Path(tmp)), args, sample)
+    path = Path(args.model)
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model checkpoint (give a .pt path or a models:/ URI)")
-    sample = SampleConfig(sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta, seed=args.seed,
-                          temperature=args.temperature, max_memory_gb=args.max_memory_gb,
-                          tile_overlap=SAMPLE.tile_overlap, tile_context=SAMPLE.tile_context, tile_norm=args.tile_norm)
-    method = DiffusionSR.from_checkpoint(path, sample, device=str(resolve_device(args.device)))
+    return _method(path, args, sample)
+
+
+def _method(path: Path, args: argparse.Namespace, sample: SampleConfig):
+    from idm.inference.upscaler import DiffusionSR
+
+    method = DiffusionSR.from_checkpoint(path, sample, device=device(args))
     if args.int8:
         from pipeline.mlflow_model import int8_beside
 
@@ -73,6 +87,33 @@ def load_method(args: argparse.Namespace):
                                     f"run `dvc repro quantize` or pass a model version tagged quantization=int8")
         method.use_int8(int8)
     return method
+
+
+def device(args: argparse.Namespace) -> str:
+    """--device as a torch device name; ValueError naming the flag if it is unknown or absent."""
+    from idm.device import resolve_device
+
+    try:
+        return str(resolve_device(args.device))
+    except ValueError as err:
+        raise ValueError(f"--device {args.device!r}: {err}") from None
+
+
+def sample_config(args: argparse.Namespace) -> SampleConfig:
+    """The sampling settings the flags ask for, checked by SampleConfig (as params.yaml's are);
+    an error names the flag."""
+    try:
+        return SampleConfig(sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta,
+                            seed=args.seed, temperature=args.temperature, max_memory_gb=args.max_memory_gb,
+                            tile_overlap=SAMPLE.tile_overlap, tile_context=SAMPLE.tile_context,
+                            tile_norm=args.tile_norm)
+    except ConfigError as err:
+        raise flag_error(err) from None
+
+
+def flag_error(err: ConfigError) -> ValueError:
+    """A SampleConfig error worded with the flag's name (`max_memory_gb` -> `--max-memory-gb`)."""
+    return ValueError(f"--{str(err).replace('_', '-', err.field.count('_'))}")
 
 
 def output_size(path: Path, lr_shape: tuple[int, ...], args: argparse.Namespace) -> tuple[int, int]:
@@ -92,16 +133,22 @@ def output_size(path: Path, lr_shape: tuple[int, ...], args: argparse.Namespace)
 
 def upscale(args: argparse.Namespace) -> None:
     """Read every input and check every output size first (fail fast, write nothing on bad input), then upscale each."""
-    images = {path: read_image(path) for path in args.images}
-    sizes = {path: output_size(path, lr.shape, args) for path, lr in images.items()}
-    method = load_method(args)
+    sample = sample_config(args)
+    device(args)  # every flag is checked before any input is read
+    shapes = {path: probe_image(path, max_bytes=sample.max_bytes) for path in args.images}  # headers only
+    sizes = {path: output_size(path, shape, args) for path, shape in shapes.items()}
+    try:
+        method = load_method(args, sample)
+    except ConfigError as err:  # settings that depend on the model: --steps above its T
+        raise flag_error(err) from None
+    images = {path: read_image(path, max_bytes=sample.max_bytes) for path in args.images}
     from idm.inference.memory import check_memory, estimate_peak_bytes
     from idm.inference.tiling import tile_starts
 
     for path, lr in tqdm(images.items(), desc="upscale", unit="image", disable=len(images) < 2):
         size = sizes[path]
         if args.no_tiling:
-            check_memory(method.model.cfg, size, max_bytes=method.sample.max_bytes)
+            check_memory(method.model.cfg, size, max_bytes=method.sample.max_bytes, lr_size=lr.shape[:2])
         suffix = f"x{args.scale:g}" if args.scale else f"{size[1]}x{size[0]}"
         out = args.out / f"{Path(path).stem}_{suffix}.png"
         tile = method.tile_for(lr.shape[:2], size)
@@ -116,9 +163,17 @@ def upscale(args: argparse.Namespace) -> None:
         print(f"{path} ({lr.shape[1]}x{lr.shape[0]}) -> {out} ({size[1]}x{size[0]}){tiled}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `idm: error:` line (no usage block), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"idm: error: {' '.join(message.split())} (see idm upscale --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="idm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="idm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     up = sub.add_parser("upscale", help="super-resolve images by any scale")
     up.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     target = up.add_mutually_exclusive_group(required=True)
@@ -153,16 +208,22 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(serve(argv[1:]))
     args = build_parser().parse_args(argv)
-    if args.steps < 1:
-        build_parser().error(f"--steps must be >= 1, got {args.steps}")
     from pipeline.tracking import TrackingUnavailable
 
+    # SIGTERM unwinds like Ctrl-C, so a half-written output's temporary file is removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         upscale(args)
     except (ImageReadError, ValueError, OSError, TrackingUnavailable) as err:  # OSError: a full disk, permissions
         print(f"idm: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("idm: interrupted; outputs finished so far are complete, nothing half-written is left", file=sys.stderr)
+        sys.exit(130)
 
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 if __name__ == "__main__":
     main()

@@ -43,7 +43,7 @@ from pipeline.dvc_commands import (  # noqa: F401
     subprocess_env,
     workspace_lock,
 )
-from pipeline.params import ROOT, PromotionParams, load
+from pipeline.params import ROOT, PromotionParams, check_pipeline, load, parse, read_yaml
 
 METRICS_FILE = "reports/metrics.json"
 REGISTERED_FILE = "models/idm/registered.json"  # written by the train stage
@@ -170,6 +170,16 @@ def stage_runs(pipeline_run: str) -> dict[str, list[str]]:
     return out
 
 
+def check_params(path: Path, overrides: dict[str, Any]) -> None:
+    """Raise ParamsError unless params.yaml, with `overrides` ({"train.steps": 500}) applied, is valid."""
+    raw = read_yaml(path)
+    for key, value in overrides.items():
+        section, _, name = str(key).partition(".")
+        if isinstance(raw, dict) and name and "." not in name and isinstance(raw.get(section, {}), dict):
+            raw[section] = {**(raw.get(section) or {}), name: value}
+    check_pipeline(parse(raw))
+
+
 # --- flows --------------------------------------------------------------------------------------
 
 @flow(name="idm-pipeline")
@@ -183,6 +193,7 @@ def pipeline(overrides: dict[str, Any] | None = None, project: str | None = None
     from pipeline.tracking import setup
 
     root, run_id = Path(project or ROOT).resolve(), current_run_id()
+    check_params(root / "params.yaml", overrides or {})  # before DVC reads the file
     setup()  # the experiment exists, with the project's artifact root, before any stage runs
     if overrides:
         name = f"flow-{run_id[:8]}"

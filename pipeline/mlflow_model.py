@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +95,11 @@ def int8_beside(checkpoint: Path) -> Path | None:
     return None
 
 
-def checkpoint_from_uri(uri: str, dest: Path | None = None) -> Path:
-    """Download the checkpoint of model `uri` (e.g. models:/idm@champion) and return its path;
-    an int8 version's denoiser lands beside it (see `int8_beside`)."""
-    dest = Path(dest or tempfile.mkdtemp(prefix="idm-model-"))
+def checkpoint_from_uri(uri: str, dest: Path) -> Path:
+    """Download the checkpoint of model `uri` (e.g. models:/idm@champion) into the folder `dest`
+    (the caller removes it) and return its path; an int8 version's denoiser lands beside it
+    (see `int8_beside`)."""
+    dest = Path(dest)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except mlflow.exceptions.MlflowException as err:

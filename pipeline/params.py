@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class DatasetParams:
         if self.source == "url":
             _check(bool(self.url) != bool(self.preset), f"{where}.url", "exactly one of 'url' or 'preset' for source 'url'")
         if self.source == "skimage":
+            _check(len(self.images) > 0, f"{where}.images", "at least one image name")
+            dupes = sorted({n for n in self.images if self.images.count(n) > 1})
+            _check(not dupes, f"{where}.images", f"distinct names, got duplicates {dupes}")
             unknown = sorted(set(self.images) - set(SKIMAGE_IMAGES))
             _check(not unknown, f"{where}.images", f"names from {list(SKIMAGE_IMAGES)}, got unknown {unknown}")
 
@@ -86,6 +90,10 @@ class PrepareParams:
             for s in getattr(self, key):
                 _check(math.isfinite(s) and s > 1.0, f"prepare.{key}", f"finite numbers > 1, got {s}")
         _check(len(self.scales) > 0, "prepare.scales", "at least one scale")
+        for key in ("scales", "ood_scales"):
+            values = getattr(self, key)
+            dupes = sorted({s for s in values if values.count(s) > 1})
+            _check(not dupes, f"prepare.{key}", f"distinct scales (each is scored and gated once), got duplicates {dupes}")
         overlap = sorted(set(self.scales) & set(self.ood_scales))
         _check(not overlap, "prepare.ood_scales", f"scales not also listed in prepare.scales, got {overlap}")
 
@@ -189,6 +197,21 @@ class Params:
         raise ParamsError(f"no dataset named {name!r}; params.yaml has {[d.name for d in self.datasets]}")
 
 
+def check_pipeline(params: Params) -> None:
+    """Raise ParamsError unless the whole pipeline can run on `params`: some dataset leaves
+    images for training and some holds images out for testing. Checked before DVC runs
+    (`main`, the flows), not by every stage: a stage on its own (evaluating a registered
+    model on test sets, say) may use a file without training images."""
+    # The split rule (pipeline.data.datasets.split): a fraction < 1 keeps one training image
+    # of two or more, a fraction > 0 holds out at least one; a lone skimage photo trains or tests.
+    trains = [d for d in params.datasets if d.test_fraction < 1 and (d.source != "skimage" or len(d.images) > 1
+                                                                     or d.test_fraction == 0)]
+    _check(bool(trains), "datasets", "at least one dataset with images left for training (test_fraction < 1); "
+                                     "every dataset is held out for testing")
+    _check(any(d.test_fraction > 0 for d in params.datasets), "datasets",
+           "at least one dataset with test images (test_fraction > 0); none is held out for testing")
+
+
 def _check(ok: bool, key: str, expected: str) -> None:
     if not ok:
         raise ParamsError(f"params.yaml: {key} must be {expected}")
@@ -288,16 +311,66 @@ def parse(raw: Any) -> Params:
     )
 
 
-def load(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml."""
+MAX_FILE_BYTES = 1 << 20  # a params file is a few KB; anything near this is not one
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without aliases (`*name`, which can expand a few bytes into gigabytes for any
+    reader of the file, DVC included) and without duplicate keys (where the later would
+    silently win)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ParamsError(f"line {mark.line + 1}: aliases (*name) are not allowed: a few of them can expand "
+                              "the file into gigabytes; write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ParamsError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (the later one would "
+                                  "silently win); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document at `path`, refusing aliases, duplicate keys and files over MAX_FILE_BYTES."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ParamsError(f"{path}: {path.stat().st_size} bytes, too large for a params file "
+                              f"(at most {MAX_FILE_BYTES})")
+        return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader
     except FileNotFoundError:
         raise ParamsError(f"{path}: no such params file") from None
+    except ParamsError as err:
+        raise ParamsError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
-    return parse(raw)
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml (`read_yaml`, then `parse`)."""
+    return parse(read_yaml(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.params [PATH]`: check a params file for the whole pipeline before
+    DVC reads it (`load`, `check_pipeline`); exit 2 if bad."""
+    args = argv if argv is not None else sys.argv[1:]
+    path = Path(args[0]) if args else PARAMS_FILE
+    try:
+        check_pipeline(load(path))
+    except ParamsError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -314,3 +387,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     else:
         out[prefix.rstrip(".")] = obj
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

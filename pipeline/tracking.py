@@ -35,9 +35,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from idm.files import process_exists
 from pipeline.data.fetch import redact_url
 from pipeline.params import ROOT
-from pipeline.workspace import process_exists
 
 EXPERIMENT = "idm"
 MODEL_NAME = "idm"  # the registered model every trained and quantized version belongs to

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from idm.files import replace_dir
+from idm.files import process_exists, replace_dir
 
 
 @contextmanager
@@ -38,14 +38,3 @@ def _remove_dead_siblings(out: Path) -> None:
         match = pattern.fullmatch(sibling.name)
         if match and int(match.group(1)) != os.getpid() and not process_exists(int(match.group(1))):
             shutil.rmtree(sibling, ignore_errors=True)
-
-
-def process_exists(pid: int) -> bool:
-    """Whether a process `pid` exists (signal 0: an existence check only)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

@@ -38,7 +38,8 @@ def _param_count(cfg: ModelConfig) -> int:
         return sum(p.numel() for p in IDM(cfg).parameters())
 
 
-def estimate_peak_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int = 1) -> int:
+def estimate_peak_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int = 1,
+                        lr_size: tuple[int, int] | None = None) -> int:
     """Estimated peak memory (bytes, float32, whole process) of one untiled run of a
     `cfg` model at output size (H, W): runtime + weights + what a denoising step keeps
     alive at once. Calibrated to stay above the measured peak RSS (docs/decisions.md,
@@ -47,7 +48,9 @@ def estimate_peak_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int =
     Held through the step: condition (x_con and pyramid), sampler state and the UNet
     skips. On top, the largest transient: a decoder residual block, an implicit up-step
     (hidden width at the finer level's resolution) or an attention level's copies of
-    its input. All of it grows linearly with the pixel count.
+    its input. With `lr_size` (h, w), the LR input and the LR encoder's features count too
+    (held, and a transient while the condition is computed): they matter when the input
+    is large against the output. All of it grows linearly with the pixel count.
     """
     ch, n = cfg.channels, _level_pixels(cfg, size)
     held = 3 * n[0] * 6 + sum(c * p for c, p in zip(ch, n))  # x_con, x_t, x0, eps..; pyramid
@@ -57,13 +60,18 @@ def estimate_peak_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int =
     blocks += [(3 * ch[i + 1] + 8 + 2 * cfg.implicit_hidden) * n[i] for i in range(len(ch) - 1)]
     levels = list(cfg.attention_levels) + ([len(ch) - 1] if cfg.mid_attention else [])
     blocks += [ATTENTION_COPIES * ch[i] * n[i] for i in levels]
+    if lr_size is not None:
+        lr_pixels = int(lr_size[0]) * int(lr_size[1])
+        held += 3 * lr_pixels  # the LR image
+        blocks.append(3 * cfg.encoder_channels * lr_pixels + (cfg.encoder_channels + 6) * n[0])  # LR encoder
     activations = ACTIVATION_SLACK * (held + max(blocks))
     return RUNTIME_BYTES + 4 * (_param_count(cfg) + math.ceil(batch * activations))
 
 
-def check_memory(cfg: ModelConfig, size: tuple[int, int], *, max_bytes: int, batch: int = 1) -> None:
-    """Raise ValueError if an untiled run at `size` is estimated to exceed `max_bytes`."""
-    need = estimate_peak_bytes(cfg, size, batch=batch)
+def check_memory(cfg: ModelConfig, size: tuple[int, int], *, max_bytes: int, batch: int = 1,
+                 lr_size: tuple[int, int] | None = None) -> None:
+    """Raise ValueError if an untiled run at `size` (from `lr_size`) is estimated to exceed `max_bytes`."""
+    need = estimate_peak_bytes(cfg, size, batch=batch, lr_size=lr_size)
     if need > max_bytes:
         raise ValueError(f"an untiled {size[0]}x{size[1]} output (batch {batch}) needs an estimated "
                          f"{need / 2**30:.2f} GiB, above the bound of {max_bytes / 2**30:.2f} GiB; "
@@ -84,7 +92,9 @@ def estimate_tiled_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], size: 
     (h, w), (height, width), align = lr_size, size, cfg.unet_stride
     tile_size = (largest_input(h, height, tile=tile, overlap=overlap, context=context, align=align),
                  largest_input(w, width, tile=tile, overlap=overlap, context=context, align=align))
-    return estimate_peak_bytes(cfg, tile_size, batch=batch) + 4 * WHOLE_IMAGE_FLOATS[norm] * batch * height * width
+    lr_tile = tuple(-(-t * lr // hr) for t, lr, hr in zip(tile_size, (h, w), (height, width)))
+    return (estimate_peak_bytes(cfg, tile_size, batch=batch, lr_size=lr_tile)
+            + 4 * WHOLE_IMAGE_FLOATS[norm] * batch * height * width)
 
 
 def choose_tile(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *,
@@ -96,7 +106,7 @@ def choose_tile(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int
     The largest tile wastes least work on overlaps and context, but attention's compute
     grows with the square of a tile's pixels, so a smaller tile can be faster at large sizes.
     """
-    if estimate_peak_bytes(cfg, size, batch=batch) <= max_bytes:
+    if estimate_peak_bytes(cfg, size, batch=batch, lr_size=lr_size) <= max_bytes:
         return None
     for tile in range(max(lr_size) - 1, overlap, -1):
         if estimate_tiled_peak_bytes(cfg, lr_size, size, tile=tile, overlap=overlap, context=context,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from idm.checkpoint import build_model, load_checkpoint
-from idm.config import DiffusionConfig, SampleConfig
+from idm.config import ConfigError, DiffusionConfig, SampleConfig
 from idm.diffusion.sampling import SAMPLER_FUNCTIONS, spaced_timesteps, super_resolve
 from idm.diffusion.schedule import schedule_for
 from idm.diffusion.targets import decoder
@@ -48,7 +48,8 @@ class DiffusionSR:
     whose untiled run would exceed `sample.max_memory_gb` (idm.inference.memory) is made
     tile by tile (idm.inference.tiling). `diffusion` gives the noise schedule the model
     was trained with; `target` and `residual_scale` what its diffusion denoises
-    (idm.diffusion.targets). Assigning `sample` re-spaces the steps.
+    (idm.diffusion.targets). Assigning `sample` re-spaces the steps; ConfigError if it asks
+    for more steps than the model's schedule has.
     """
 
     def __init__(self, model: nn.Module, *, diffusion: DiffusionConfig, target: str = "image",
@@ -68,8 +69,9 @@ class DiffusionSR:
     @sample.setter
     def sample(self, sample: SampleConfig) -> None:
         total = self.schedule.timesteps
-        # Steps beyond the schedule's T are clamped to T.
-        self.timesteps = spaced_timesteps(total, min(sample.steps, total), sample.spacing)
+        if sample.steps > total:
+            raise ConfigError("steps", f"an integer in [1, {total}] (the model's diffusion timesteps)", sample.steps)
+        self.timesteps = spaced_timesteps(total, sample.steps, sample.spacing)
         self._sample = sample
 
     @classmethod

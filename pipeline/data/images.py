@@ -8,11 +8,12 @@ and turns every decoding failure into one error that names the file.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from idm.files import atomic_path
 
@@ -42,15 +43,44 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read an image file as an (H, W, 3) uint8 RGB array in [0, 255].
+# Bytes per pixel that decoding and converting to 8-bit RGB may hold at once: Pillow's
+# decoded buffer (up to 4 bands, or 4 bytes of a 32-bit band), a float64 greyscale copy for
+# 16/32-bit inputs and its rounding, the RGB array. Counted from _to_rgb8, not measured.
+DECODE_BYTES_PER_PIXEL = 24
 
-    Greyscale, alpha, palette, CMYK and 16-bit inputs are converted; EXIF rotation is
-    applied. Raises ImageReadError naming the file for anything unreadable, zero-byte,
-    truncated, smaller than 1x1 or larger than `max_pixels` (checked from the header,
-    before any pixel is decoded).
+
+def decoded_bytes(height: int, width: int) -> int:
+    """Upper bound of the memory (bytes) `read_image` holds while decoding an image of that size."""
+    return DECODE_BYTES_PER_PIXEL * height * width
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) from the header only: Pillow's getexif() decodes a PNG whole."""
+    exif = img.info.get("exif")
+    if img.format == "PNG":
+        return Image.Exif().load(exif).get(ExifTags.Base.Orientation, 1) if exif else 1
+    return img.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def probe_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_bytes: int | None = None) -> tuple[int, int]:
+    """(height, width) of the image file at `path` as `read_image` returns it, from its header only.
+
+    Raises ImageReadError naming the file if it is not a regular file (a FIFO or device
+    would block or never end), is not a readable image, has more than one frame (animated
+    GIF/PNG/WebP, multi-page TIFF: refused, not cut to the first frame), declares more than
+    `max_pixels` pixels, or would need more than `max_bytes` to decode (`decoded_bytes`).
     """
     path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: no such file") from None
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, socket or device)"
+        raise ImageReadError(f"{path}: {kind}; give an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -61,11 +91,43 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
                         f"{path}: image too large: it declares {width}x{height} pixels, above the "
                         f"limit of {max_pixels} (a decompression bomb or an oversized input)"
                     )
+                if max_bytes is not None and decoded_bytes(height, width) > max_bytes:
+                    raise ImageReadError(f"{path}: decoding its {width}x{height} pixels needs "
+                                         f"~{decoded_bytes(height, width) / 2**30:.2f} GiB, above the bound of "
+                                         f"{max_bytes / 2**30:.2f} GiB")
+                frames = getattr(img, "n_frames", 1)
+                if frames > 1:
+                    raise ImageReadError(f"{path}: has {frames} frames (an animation or a multi-page file); "
+                                         "idm reads single-frame images: save the frame you want as its own file")
+                if _orientation(img) in (5, 6, 7, 8):  # EXIF: rotated by 90 degrees
+                    width, height = height, width
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"{path}: image too large: {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(f"{path}: not a readable image ({err})") from None
+    return height, width
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int | None = None) -> np.ndarray:
+    """Read an image file as an (H, W, 3) uint8 RGB array in [0, 255].
+
+    Greyscale, alpha, palette, CMYK and 16-bit inputs are converted; EXIF rotation is
+    applied. Raises ImageReadError naming the file for anything `probe_image` refuses
+    (checked from the header, before any pixel is decoded) and for anything unreadable,
+    zero-byte, truncated or smaller than 1x1.
+    """
+    path = Path(path)
+    probe_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 arr = _to_rgb8(img)
-    except ImageReadError:
-        raise
     except Image.DecompressionBombError as err:
         raise ImageReadError(f"{path}: image too large: {err}") from None
     except FileNotFoundError:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import signal
 import sys
+import threading
 from typing import Callable
 
 from pipeline.data.fetch import FetchError
@@ -35,8 +37,13 @@ def run(main: Callable[[], None]) -> None:
     outputs of the previous run are left as they were. Anything else is a bug and keeps
     its traceback.
     """
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # unwinds like Ctrl-C
     try:
         main()
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing half-written is left, the previous outputs stand (training resumes "
+              "from its last checkpoint)", code=130)
     except (*USER_ERRORS, FetchError, TrackingUnavailable) as err:
         _fail(str(err))
     except OSError as err:
@@ -49,16 +56,23 @@ def run(main: Callable[[], None]) -> None:
             raise
         _fail(f"the MLflow store {display_uri(tracking_uri())} failed ({_first_line(err)}); rerun once it is "
               "back (outputs are written atomically, and training resumes from its last checkpoint)")
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _fail(message: str) -> None:
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _fail(message: str, code: int = 2) -> None:
     if "tqdm" in sys.modules:  # a progress bar cut short leaves its line open: end it so the error has its own
         from tqdm import tqdm
 
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _first_line(err: BaseException) -> str:

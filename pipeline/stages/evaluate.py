@@ -49,15 +49,19 @@ def build_methods(params: Params, checkpoint: Path, device: str) -> list[Method]
 
 
 def model_uri_method(args: argparse.Namespace, params: Params, device: str) -> list[Method]:
-    """A registered model (models:/idm@champion, models:/idm/3, runs:/...) as the only method."""
+    """A registered model (models:/idm@champion, models:/idm/3, runs:/...) as the only method;
+    its download is removed once the weights are loaded."""
+    import tempfile
+
     from pipeline.mlflow_model import checkpoint_from_uri
     from pipeline.tracking import setup
 
     setup()
-    path = checkpoint_from_uri(args.model_uri, args.sr_out.parent / f".{args.label}-model")
-    method = DiffusionSR.from_checkpoint(path, params.sample, device=device, name=args.label)
-    if (path.parent / "model_int8.pt").is_file():  # an int8 version: its artifacts carry the int8 denoiser
-        method.use_int8(path.parent / "model_int8.pt")
+    with tempfile.TemporaryDirectory(prefix="idm-model-") as tmp:
+        path = checkpoint_from_uri(args.model_uri, Path(tmp))
+        method = DiffusionSR.from_checkpoint(path, params.sample, device=device, name=args.label)
+        if (path.parent / "model_int8.pt").is_file():  # an int8 version: its artifacts carry the int8 denoiser
+            method.use_int8(path.parent / "model_int8.pt")
     return [method]
 
 

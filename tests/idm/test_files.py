@@ -52,3 +52,34 @@ def test_replace_dir_puts_the_old_folder_back_when_the_swap_fails(tmp_path: Path
     with pytest.raises(OSError, match="No space left"):
         replace_dir(new, target, backup=backup)
     assert (target / "old").read_text() == "old" and not backup.exists() and (new / "new").exists()
+
+
+def test_only_temporary_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    """A killed writer's leftover goes once the file is written again; a live writer's stays."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        target = tmp_path / "model.pt"
+        killed, writing = tmp_path / f".model.pt.{int(dead.stdout)}-abc.tmp", tmp_path / f".model.pt.{live.pid}-xyz.tmp"
+        legacy = tmp_path / ".model.pt.q1w2e3.tmp"  # written before temporary names carried the pid
+        for path in (killed, writing, legacy):
+            path.write_bytes(b"half")
+        with atomic_path(target) as tmp:
+            assert tmp.name.startswith(f".model.pt.{os.getpid()}-")
+            tmp.write_bytes(b"whole")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.pt", writing.name])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_an_interrupt_inside_an_atomic_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """Ctrl-C, or SIGTERM turned into KeyboardInterrupt by the CLI and the stages, mid-write."""
+    target = tmp_path / "out.png"
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half an image")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

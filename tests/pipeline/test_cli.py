@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 
 from idm.checkpoint import make_checkpoint, save_checkpoint
-from idm.config import DiffusionConfig, ModelConfig
+from idm.config import DiffusionConfig, ModelConfig, TrainConfig
 from idm.models import IDM
-from idm.config import TrainConfig
 from pipeline.data.images import read_image
 from tests.helpers import TINY, photo
 

@@ -17,6 +17,7 @@ import mlflow
 import pytest
 
 from pipeline import flows, registry
+from pipeline.params import ParamsError
 from pipeline.registry import CHAMPION, MODEL_NAME
 from tests.conftest_prefect import make_project, real_stages, register_fake_model
 
@@ -142,6 +143,18 @@ def test_pipeline_runs_the_stages_in_order_then_skips_them_and_overrides_leave_p
     assert json.loads((project / "reports" / "metrics.json").read_text()) == first["metrics"]  # workspace untouched
     refs = subprocess.run(["git", "for-each-ref", "refs/exps/"], cwd=project, capture_output=True, text=True).stdout
     assert f"/{third['experiment']}\n" in refs  # recorded as a DVC experiment
+
+
+def test_a_hostile_or_bad_params_file_stops_the_pipeline_flow_before_dvc_reads_it(tmp_path, monkeypatch):
+    project = make_project(tmp_path / "project", real_stages("download", "prepare"))
+    monkeypatch.setattr(flows, "dvc", lambda *a, **k: pytest.fail("dvc ran on a params file that fails the check"))
+    good = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(good + "a: &a [1, 1, 1]\nb: [*a, *a, *a]\n")
+    with pytest.raises(ParamsError, match="aliases"):
+        flows.pipeline(project=str(project))
+    (project / "params.yaml").write_text(good)
+    with pytest.raises(ParamsError, match="unknown key prepare.seeed"):
+        flows.pipeline(overrides={"prepare.seeed": 1}, project=str(project))
 
 
 def test_overrides_are_written_in_the_grammar_of_dvc_exp_run_set():

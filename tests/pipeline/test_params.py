@@ -85,6 +85,10 @@ def test_values_are_converted_and_frozen():
         ({**BASE, "promotion": {"metric": "lpips"}}, "promotion.metric must be one of"),
         ({**BASE, "schedules": {"retrain_cron": "weekly"}}, "5-field cron"),
         ([1, 2], "must be a mapping"),
+        ({**BASE, "prepare": {"scales": [2, 3, 2]}}, "prepare.scales must be distinct scales (each is scored and gated once), got duplicates [2.0]"),
+        ({**BASE, "prepare": {"ood_scales": [8, 8]}}, "prepare.ood_scales must be distinct scales"),
+        ({"datasets": [{"name": "s", "source": "skimage", "images": [], "test_fraction": 0.5}]}, "datasets[s].images must be at least one image name"),
+        ({"datasets": [{"name": "s", "source": "skimage", "images": ["retina", "retina"]}]}, "distinct names, got duplicates ['retina']"),
     ],
 )
 def test_bad_params_name_the_key(raw, message):
@@ -94,6 +98,21 @@ def test_bad_params_name_the_key(raw, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("datasets, message", [
+    ([{"name": "a", "source": "folder", "path": "x"}], "at least one dataset with images left for training"),
+    ([{"name": "a", "source": "folder", "path": "x", "test_fraction": 0.0}], "at least one dataset with test images"),
+    ([{"name": "s", "source": "skimage", "images": ["retina"], "test_fraction": 0.5}], "images left for training"),
+], ids=["all-test", "all-train", "lone-photo"])
+def test_a_split_with_no_training_or_no_test_images_fails_the_pipeline_check(tmp_path, datasets, message):
+    params = P.parse({"datasets": datasets})  # fine for one stage on its own (evaluate on test sets, say)
+    with pytest.raises(P.ParamsError, match=message):
+        P.check_pipeline(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"datasets": datasets}))
+    assert P.main([str(path)]) == 2
+    P.check_pipeline(P.parse({"datasets": [{**BASE["datasets"][0], "test_fraction": 0.5}]}))  # split in two: passes
+
+
 def test_load_reports_yaml_errors_and_missing_file(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("datasets: [unclosed\n")
@@ -101,6 +120,43 @@ def test_load_reports_yaml_errors_and_missing_file(tmp_path):
         P.load(bad)
     with pytest.raises(P.ParamsError, match="no such params file"):
         P.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("datasets: [{name: a, source: folder, path: x, test_fraction: 0.5}]\nprepare: {seed: 0}\nprepare: {seed: 1}\n",
+     "line 3: duplicate key 'prepare' (the later one would silently win)"),
+    ("datasets: [{name: a, source: folder, path: x, test_fraction: 0.5}]\nreport:\n  crop: 16\n  crop: 32\n",
+     "line 4: duplicate key 'crop'"),
+    ("x: &x [1, 1]\ndatasets: [{name: a, source: folder, path: x, test_fraction: 0.5}]\ny: *x\n",
+     "line 3: aliases (*name) are not allowed"),
+], ids=["duplicate-section", "duplicate-key", "alias"])
+def test_duplicate_keys_and_aliases_are_refused(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(P.ParamsError, match=__import__("re").escape(message)):
+        P.load(path)
+
+
+def test_an_exponentially_expanding_file_is_refused_at_once(tmp_path):
+    """Nine levels of nine aliases: 9^9 values once expanded; refused at the first alias."""
+    lines = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(P.ParamsError, match="line 2: aliases"):
+        P.load(path)
+    assert P.main([str(path)]) == 2
+    path.write_text("x: " + "a" * (P.MAX_FILE_BYTES + 1))
+    with pytest.raises(P.ParamsError, match="too large for a params file"):
+        P.load(path)
+
+
+def test_the_project_params_check_runs_before_dvc_in_make_run_and_make_test():
+    makefile = (P.ROOT / "Makefile").read_text()
+    for target in ("run", "test"):
+        recipe = makefile.split(f"\n{target}: ")[1].split("\n\n")[0]
+        assert recipe.index("-m pipeline.params") < recipe.index("dvc repro" if target == "run" else "pytest")
+    assert P.main([str(P.PARAMS_FILE)]) == 0
 
 
 def test_yaml_nan_scale_is_rejected(tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from idm.checkpoint import load_checkpoint, save_checkpoint
@@ -148,7 +149,13 @@ def test_every_stage_rejects_a_bad_params_file_before_any_work(tmp_path, stage, 
     text, fragment = BAD_PARAMS[case]
     w = _workspace(tmp_path, GOOD)
     good = w["params"].read_text()
-    w["params"].write_text(text if case in ("bad YAML", "not a mapping") else good + text)
+    if case in ("bad YAML", "not a mapping"):
+        w["params"].write_text(text)
+    else:  # the bad section merged in (a repeated section is refused on its own: duplicate keys)
+        params = yaml.safe_load(good)
+        for section, values in yaml.safe_load(text).items():
+            params[section] = {**(params.get(section) or {}), **values}
+        w["params"].write_text(yaml.safe_dump(params, sort_keys=False))
     assert_one_line_error(*run_stage(stage, "--params", w["params"], *stage_args(w, stage)), fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "params.yaml"], "a stage wrote something"
 
@@ -169,7 +176,7 @@ def test_every_stage_rejects_a_bad_params_file_before_any_work(tmp_path, stage, 
     (["--size", "100000x100000"], "a 100000x100000 output is above the limit"),
     (["--scale", "8", "--max-memory-gb", "0.001"], "no tile larger than the overlap (8 px) fits"),
     (["--scale", "8", "--max-memory-gb", "0.05", "--no-tiling"], "above the bound of 0.05 GiB"),
-    (["--scale", "2", "--steps", "0"], "--steps must be >= 1"),
+    (["--scale", "2", "--steps", "0"], "--steps must be an integer >= 1, got 0"),
 ])
 def test_the_cli_rejects_bad_scales_sizes_and_memory_bounds(checkpoint, tmp_path, capsys, args, fragment):  # noqa: F811
     (tmp_path / "a.png").write_bytes(_png(photo(8, 8)))

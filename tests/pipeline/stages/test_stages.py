@@ -165,3 +165,19 @@ def test_checksum_mismatch_leaves_nothing(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_interrupted_stage_ends_in_one_line_with_exit_code_130(capsys):
+    import signal
+
+    from pipeline.stages import run
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_:
+        run(interrupted)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 130 and len(lines) == 1 and lines[0].startswith("error: interrupted"), lines
+    assert signal.getsignal(signal.SIGTERM) == before  # run() restores the handler it installed
