@@ -132,7 +132,8 @@ def output_size(path: Path, lr_shape: tuple[int, ...], args: argparse.Namespace)
 
 
 def upscale(args: argparse.Namespace) -> None:
-    """Read every input and check every output size first (fail fast, write nothing on bad input), then upscale each."""
+    """Check every flag, input and output size first (fail fast: nothing is written on bad input),
+    then upscale the inputs one at a time, so memory holds one decoded input at once."""
     sample = sample_config(args)
     device(args)  # every flag is checked before any input is read
     shapes = {path: probe_image(path, max_bytes=sample.max_bytes) for path in args.images}  # headers only
@@ -141,17 +142,19 @@ def upscale(args: argparse.Namespace) -> None:
         method = load_method(args, sample)
     except ConfigError as err:  # settings that depend on the model: --steps above its T
         raise flag_error(err) from None
-    images = {path: read_image(path, max_bytes=sample.max_bytes) for path in args.images}
     from idm.inference.memory import check_memory, estimate_peak_bytes
     from idm.inference.tiling import tile_starts
 
-    for path, lr in tqdm(images.items(), desc="upscale", unit="image", disable=len(images) < 2):
-        size = sizes[path]
+    tiles = {}
+    for path in args.images:  # decodable, and a tile (or none) fits the bound; one image held at a time
+        read_image(path, max_bytes=sample.max_bytes)
         if args.no_tiling:
-            check_memory(method.model.cfg, size, max_bytes=method.sample.max_bytes, lr_size=lr.shape[:2])
+            check_memory(method.model.cfg, sizes[path], max_bytes=sample.max_bytes, lr_size=shapes[path])
+        tiles[path] = method.tile_for(shapes[path], sizes[path])
+    for path in tqdm(args.images, desc="upscale", unit="image", disable=len(args.images) < 2):
+        lr, size, tile = read_image(path, max_bytes=sample.max_bytes), sizes[path], tiles[path]
         suffix = f"x{args.scale:g}" if args.scale else f"{size[1]}x{size[0]}"
         out = args.out / f"{Path(path).stem}_{suffix}.png"
-        tile = method.tile_for(lr.shape[:2], size)
         write_image(out, method.upscale(lr, size, tile))
         tiled = ""
         if tile is not None:  # say so: a tiled output can differ slightly from one run in one piece (README)

@@ -177,3 +177,19 @@ def test_an_interrupt_ends_in_one_line_exit_130_and_leaves_no_temporary_file(che
     lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
     assert proc.returncode == 130 and len(lines) == 1 and lines[0].startswith("idm: interrupted"), err
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_later_input_that_cannot_fit_stops_the_run_before_the_first_output(checkpoint, tmp_path,  # noqa: F811
+                                                                             capsys):
+    from idm.checkpoint import build_model, load_checkpoint
+    from idm.inference.memory import estimate_peak_bytes
+
+    cfg = build_model(load_checkpoint(checkpoint)).cfg
+    bound = (estimate_peak_bytes(cfg, (16, 16), lr_size=(8, 8)) + 2**20) / 2**30  # the small one fits untiled
+    (tmp_path / "a.png").write_bytes(_png(8, 8))
+    (tmp_path / "b.png").write_bytes(_png(300, 300))  # no tile of it fits
+    code, lines = _run(["upscale", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--scale", "2", "--steps", "1",
+                        "--model", str(checkpoint), "--max-memory-gb", f"{bound:.6f}", "--out", str(tmp_path / "out")],
+                       capsys)
+    assert code == 2 and "fits in" in lines[-1], lines
+    assert not (tmp_path / "out").exists()
