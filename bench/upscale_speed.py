@@ -79,22 +79,19 @@ def step_flops(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int]
     tile = choose_tile(cfg, lr_size, size, max_bytes=sample.max_bytes, overlap=sample.tile_overlap,
                        context=sample.tile_context, norm=sample.tile_norm)
     if tile is None:
-        shapes = [(lr_size, size)]
-    else:
-        count = [len(tile_starts(n, tile, sample.tile_overlap)) for n in lr_size]
-        hr = [largest_input(n, N, tile=tile, overlap=sample.tile_overlap, context=sample.tile_context,
-                            align=cfg.unet_stride) for n, N in zip(lr_size, size)]
-        lr = [-(-H * n // N) for H, n, N in zip(hr, lr_size, size)]
-        shapes = [(tuple(lr), tuple(hr))] * (count[0] * count[1])  # every tile counted at the largest input
-    total = 0.0
+        (h, w), (H, W), tiles = lr_size, size, 1
+    else:  # every tile counted at the plan's largest network input
+        rows, cols = (len(tile_starts(n, tile, sample.tile_overlap)) for n in lr_size)
+        tiles = rows * cols
+        H, W = (largest_input(n, N, tile=tile, overlap=sample.tile_overlap, context=sample.tile_context,
+                              align=cfg.unet_stride) for n, N in zip(lr_size, size))
+        h, w = (-(-T * n // N) for T, n, N in zip((H, W), lr_size, size))
     with torch.device("meta"), torch.no_grad():
         model = IDM(cfg).eval()
-        for (h, w), (H, W) in shapes[:1]:
-            cond = model.condition(torch.zeros(1, 3, h, w), (H, W))
-            with FlopCounterMode(display=False) as counter:
-                model(torch.zeros(1, 3, H, W), torch.full((1,), 0.5), cond)
-            total = counter.get_total_flops() * len(shapes)
-    return float(total)
+        cond = model.condition(torch.zeros(1, 3, h, w), (H, W))
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, H, W), torch.full((1,), 0.5), cond)
+    return float(counter.get_total_flops() * tiles)
 
 
 def random_checkpoint(preset: str, folder: Path) -> Path:

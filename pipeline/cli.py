@@ -52,7 +52,7 @@ def parse_scale(text: str) -> float:
 MODEL_URI_SCHEMES = ("models:/", "runs:/", "file://")
 
 
-def load_method(args: argparse.Namespace, sample: SampleConfig):
+def load_method(args: argparse.Namespace, sample: SampleConfig, device: str):
     """The IDM method for --model (a checkpoint path or an MLflow model URI), fp32 or int8.
 
     A model URI is downloaded into a temporary folder that is removed once the weights
@@ -67,17 +67,17 @@ def load_method(args: argparse.Namespace, sample: SampleConfig):
 
         setup()
         with tempfile.TemporaryDirectory(prefix="idm-model-") as tmp:
-            return _method(checkpoint_from_uri(args.model, Path(tmp)), args, sample)
+            return _method(checkpoint_from_uri(args.model, Path(tmp)), args, sample, device)
     path = Path(args.model)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model checkpoint (give a .pt path or a models:/ URI)")
-    return _method(path, args, sample)
+    return _method(path, args, sample, device)
 
 
-def _method(path: Path, args: argparse.Namespace, sample: SampleConfig):
+def _method(path: Path, args: argparse.Namespace, sample: SampleConfig, device: str):
     from idm.inference.upscaler import DiffusionSR
 
-    method = DiffusionSR.from_checkpoint(path, sample, device=device(args))
+    method = DiffusionSR.from_checkpoint(path, sample, device=device)
     if args.int8:
         from pipeline.mlflow_model import int8_beside
 
@@ -89,7 +89,7 @@ def _method(path: Path, args: argparse.Namespace, sample: SampleConfig):
     return method
 
 
-def device(args: argparse.Namespace) -> str:
+def resolve_device_flag(args: argparse.Namespace) -> str:
     """--device as a torch device name; ValueError naming the flag if it is unknown or absent."""
     from idm.device import resolve_device
 
@@ -135,11 +135,11 @@ def upscale(args: argparse.Namespace) -> None:
     """Check every flag, input and output size first (fail fast: nothing is written on bad input),
     then upscale the inputs one at a time, so memory holds one decoded input at once."""
     sample = sample_config(args)
-    device(args)  # every flag is checked before any input is read
+    device = resolve_device_flag(args)  # every flag is checked before any input is read
     shapes = {path: probe_image(path, max_bytes=sample.max_bytes) for path in args.images}  # headers only
     sizes = {path: output_size(path, shape, args) for path, shape in shapes.items()}
     try:
-        method = load_method(args, sample)
+        method = load_method(args, sample, device)
     except ConfigError as err:  # settings that depend on the model: --steps above its T
         raise flag_error(err) from None
     from idm.inference.memory import check_memory, estimate_peak_bytes

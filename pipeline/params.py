@@ -340,17 +340,14 @@ class _StrictLoader(yaml.SafeLoader):
 def read_yaml(path: str | Path) -> Any:
     """The YAML document at `path`, refusing aliases, duplicate keys and files over MAX_FILE_BYTES."""
     path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such params file")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ParamsError(f"{path}: {path.stat().st_size} bytes, too large for a params file (at most {MAX_FILE_BYTES})")
     try:
-        if not path.is_file():
-            raise FileNotFoundError(path)
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ParamsError(f"{path}: {path.stat().st_size} bytes, too large for a params file "
-                              f"(at most {MAX_FILE_BYTES})")
         return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: no such params file") from None
-    except ParamsError as err:
-        raise ParamsError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
+    except ParamsError as err:  # an alias or a duplicate key: the loader names the line
+        raise ParamsError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
 

@@ -12,11 +12,15 @@ from torch import Tensor
 from idm.diffusion.schedule import Schedule
 
 
+def _draw_device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device | str | None:
+    """Where a draw is made: the generator's device if there is one, else `device`."""
+    return generator.device if generator is not None else device
+
+
 def gaussian(shape: tuple[int, ...], generator: torch.Generator | None, *, device: torch.device | str | None,
              dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal noise of `shape` and `dtype`, drawn on the generator's device, returned on `device`."""
-    where = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+    return torch.randn(shape, generator=generator, device=_draw_device(generator, device), dtype=dtype).to(device)
 
 
 def gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -31,7 +35,7 @@ def noise_levels(schedule: Schedule, batch: int, *, generator: torch.Generator |
     SR3 sec. 2.4: t ~ U{1, ..., T}, then gamma ~ U(sqrt(alpha_bar_t), sqrt(alpha_bar_{t-1})).
     Drawn on the generator's device, returned on `device`.
     """
-    where = generator.device if generator is not None else device
+    where = _draw_device(generator, device)
     t = torch.randint(1, schedule.timesteps + 1, (batch,), generator=generator, device=where)
     u = torch.rand(batch, generator=generator, device=where, dtype=torch.float64)
     gammas = schedule.alpha_bars.to(where).sqrt()

@@ -3,8 +3,9 @@
     sampler(model, cond, x_T, timesteps, *, schedule, eta, clip_x0=True, generator=None) -> x_0
 
 `cond` is whatever the model takes besides x_t and the noise level (IDM's Condition),
-computed once per image by the caller (the samplers never see the LR image); `timesteps` is a strictly descending sequence of schedule
-steps in 1..T, all T of them or any subset. Because the network is conditioned on the
+computed once per image by the caller (the samplers never see the LR image);
+`timesteps` is a strictly descending sequence of schedule steps in 1..T, all T of them
+or any subset. Because the network is conditioned on the
 continuous noise level sqrt(alpha_bar), a subset needs no retraining: consecutive
 chosen steps t > s simply act as one step with alpha = alpha_bar_t / alpha_bar_s.
 """
