@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test ui serve bench clean-venv
+.PHONY: run test ui serve bench pretrain clean-venv
 
 # Reinstall only when pyproject.toml is newer than the stamp.
 $(STAMP): pyproject.toml
@@ -39,6 +39,20 @@ ui: $(STAMP)
 # Prefect server + MLflow UI on 127.0.0.1, scheduled retrain/evaluate flows; Ctrl-C stops all.
 serve: $(STAMP)
 	$(VENV)/bin/python -m pipeline.servers
+
+# The shipped pretrained model (recipes/pretrain.yaml; MODEL_CARD.md): not part of `make run`.
+# Resumes where it stopped; PRETRAIN_PROCS DDP processes of one thread each (bench/README.md).
+PRETRAIN := recipes/pretrain.yaml
+PRETRAIN_PROCS ?= 2
+pretrain: $(STAMP)
+	$(VENV)/bin/python -m pipeline.params $(PRETRAIN)
+	$(VENV)/bin/python -m pipeline.stages.prepare --params $(PRETRAIN) --out data/pretrain/prepared
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(PRETRAIN_PROCS) -m pipeline.stages.train \
+		--params $(PRETRAIN) --prepared data/pretrain/prepared --out models/pretrained --alias pretrained
+	$(VENV)/bin/python -m pipeline.stages.evaluate --params $(PRETRAIN) --prepared data/pretrain/prepared \
+		--checkpoint models/pretrained/model.pt --sr-out data/pretrain/sr --metrics reports/pretrained/metrics.json \
+		--scales reports/pretrained/scales.csv --per-image reports/pretrained/per_image.csv
+	$(VENV)/bin/python -m pipeline.stages.export_pretrained models/pretrained/model.pt
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.resize

@@ -84,7 +84,7 @@ def step_flops(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int]
         rows, cols = (len(tile_starts(n, tile, sample.tile_overlap)) for n in lr_size)
         tiles = rows * cols
         H, W = (largest_input(n, N, tile=tile, overlap=sample.tile_overlap, context=sample.tile_context,
-                              align=cfg.unet_stride) for n, N in zip(lr_size, size))
+                              align=cfg.tile_align) for n, N in zip(lr_size, size))
         h, w = (-(-T * n // N) for T, n, N in zip((H, W), lr_size, size))
     with torch.device("meta"), torch.no_grad():
         model = IDM(cfg).eval()

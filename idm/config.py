@@ -77,11 +77,18 @@ class ModelConfig:
     res_blocks: int = 2  # per encoder level; the decoder has one more
     attention_levels: tuple[int, ...] = (3,)  # level 3 = 1/8 resolution
     mid_attention: bool = True
+    # Self-attention within windows of this many tokens per side (0: over the whole level).
+    # 16 covers the paper's attention levels whole at its 128 px training size, and bounds
+    # the cost per pixel at any larger size (idm.models.layers.SelfAttention).
+    attention_window: int = 16
     dropout: float = 0.2
     norm_groups: int = 32
     implicit_hidden: int = 256  # hidden width of the coordinate MLP of each up-step
     modulation_hidden: int = 64  # hidden width of the scale -> (s1, s2) maps
     prediction: str = "eps"  # what the denoiser outputs: one of PREDICTIONS (idm.diffusion.prediction)
+    # x_con from the LR features: 0 = nearest feature + one 3x3 conv; > 0 = bilinear features
+    # and a per-pixel MLP of this hidden width, told the scale (idm.models.encoder.LREncoder).
+    decoder_hidden: int = 0
 
     def __post_init__(self) -> None:
         mults = _int_tuple("channel_mults", self.channel_mults)
@@ -89,6 +96,8 @@ class ModelConfig:
         object.__setattr__(self, "channel_mults", mults)
         object.__setattr__(self, "attention_levels", attention)
         _check_int("encoder_blocks", self.encoder_blocks, 0)
+        _check_int("attention_window", self.attention_window, 0)
+        _check_int("decoder_hidden", self.decoder_hidden, 0)
         for name in ("encoder_channels", "base_channels", "res_blocks", "norm_groups",
                      "implicit_hidden", "modulation_hidden"):
             _check_int(name, getattr(self, name), 1)
@@ -123,6 +132,15 @@ class ModelConfig:
         halve the size len(channel_mults) - 1 times. The UNet works on sides that are
         multiples of it (`canvas`)."""
         return 2 ** (len(self.channel_mults) - 1)
+
+    @property
+    def tile_align(self) -> int:
+        """The HR period of the network's grids: the coarsest stride, and the span of an
+        attention window at each attention level. Tiles that start on multiples of it
+        see the same level grids and attention windows as the whole image
+        (idm.inference.tiling.input_span)."""
+        levels = list(self.attention_levels) + ([len(self.channel_mults) - 1] if self.mid_attention else [])
+        return max([self.unet_stride] + [self.attention_window * 2**i for i in levels if self.attention_window])
 
     def canvas(self, size: tuple[int, int]) -> tuple[int, int]:
         """The UNet's working size for a target (H, W): each side rounded up to a multiple
@@ -186,6 +204,14 @@ class TrainConfig:
     residual_scale: float = 0.5  # targets "residual" / "refine": x0 = (HR - bicubic or x_con) / residual_scale
     flips: bool = True  # random horizontal and vertical flips
     condition_loss: float = 0.0  # weight of an L1 loss of the condition x_con against HR; 0: paper (none)
+    # > 0: LR patches of this side (LIIF: 48) with HR round(lr_patch * s), instead of HR patch_size.
+    lr_patch: int = 0
+    # > 0: x_con's loss and the denoiser see one random crop of this side of the HR patch
+    # (the encoder still sees the whole LR patch), so large scales do not make steps expensive.
+    unet_patch: int = 0
+    # > 0: x_con's loss on this many random HR pixels of the whole patch per sample (LIIF:
+    # 48 x 48), so every LR pixel's features get a gradient; needs ModelConfig.decoder_hidden > 0.
+    condition_points: int = 0
 
     def __post_init__(self) -> None:
         for name, least in (("steps", 1), ("batch_size", 1), ("patch_size", 2), ("checkpoint_every", 0),
@@ -206,6 +232,11 @@ class TrainConfig:
         _check(isinstance(self.flips, bool), "flips", "True or False", self.flips)
         _check(_is_number(self.condition_loss) and self.condition_loss >= 0, "condition_loss", "a number >= 0",
                self.condition_loss)
+        for name in ("lr_patch", "unet_patch", "condition_points"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 0, name, "an integer >= 0 (0: off)", value)
+        _check(not self.unet_patch or self.target != "residual", "unet_patch",
+               "0 with target 'residual' (its base needs the whole LR patch)", self.unet_patch)
 
 
 @dataclass(frozen=True)
@@ -217,7 +248,9 @@ class SampleConfig:
     """
 
     sampler: str = "ddim"  # one of SAMPLERS
-    steps: int = 5  # network evaluations per image (spaced over the schedule; at most its T)
+    # Denoiser evaluations per image (spaced over the schedule; at most its T); 0: no
+    # diffusion, the encoder's regression output x_con (one pass, the best PSNR).
+    steps: int = 5
     spacing: str = "uniform"  # how the steps spread over the schedule: one of SPACINGS
     eta: float = 0.0  # 0: deterministic DDIM; 1: ancestral-like
     seed: int = 0  # initial noise, per image
@@ -236,7 +269,8 @@ class SampleConfig:
                self.tile_context)
         _check(self.tile_norm in TILE_NORMS, "tile_norm", f"one of {list(TILE_NORMS)}", self.tile_norm)
         _check(self.sampler in SAMPLERS, "sampler", f"one of {sorted(SAMPLERS)}", self.sampler)
-        _check(_is_int(self.steps) and self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        _check(_is_int(self.steps) and self.steps >= 0, "steps", "an integer >= 0 (0: the regression output)",
+               self.steps)
         _check(self.spacing in SPACINGS, "spacing", f"one of {list(SPACINGS)}", self.spacing)
         _check(_is_number(self.eta) and self.eta >= 0, "eta", "a number >= 0", self.eta)
         _check(_is_int(self.seed), "seed", "an integer", self.seed)
@@ -267,3 +301,6 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         modulation_hidden=16,
     ),
 }
+# The shipped pretrained model's shape: capacity in the LR encoder, which runs once per
+# image at LR size, and the tiny per-step UNet, which runs at HR size at every step.
+MODEL_PRESETS["lean"] = replace(MODEL_PRESETS["tiny"], encoder_blocks=12, encoder_channels=48, decoder_hidden=64)

@@ -44,6 +44,11 @@ from idm.resize import resize
 # ---------------------------------------------------------------- data
 
 
+def hr_patch_side(cfg: TrainConfig) -> int:
+    """The largest HR patch side `make_batch` draws: every training image needs at least this."""
+    return max(1, round(cfg.lr_patch * cfg.scale_max)) if cfg.lr_patch else cfg.patch_size
+
+
 def training_images(images: Sequence[np.ndarray], patch_size: int) -> list[Tensor]:
     """(H, W, 3) uint8 arrays -> (3, H, W) uint8 tensors, keeping those with both sides >= patch_size.
 
@@ -71,14 +76,16 @@ def make_batch(images: Sequence[Tensor], cfg: TrainConfig, generator: torch.Gene
     """One continuous-scale training batch (LIIF protocol), drawn with `generator` only.
 
     images: (3, H, W) uint8 tensors from `training_images`. A scale s ~ U(scale_min,
-    scale_max) for the whole batch; per sample a random patch_size x patch_size crop of
-    a random image, randomly flipped. The LR patch is `resize` to round(patch / s) and
-    rounded to 8 bits, exactly as the prepare stage makes its LR images.
+    scale_max) for the whole batch; per sample a random P x P crop of a random image,
+    randomly flipped. P = patch_size and the LR side p = round(P / s); or, with
+    lr_patch > 0, p = lr_patch and P = round(p * s) (LIIF's protocol, which keeps the
+    encoder's input large at every scale). The LR patch is `resize`d and rounded to 8
+    bits, exactly as the prepare stage makes its LR images.
     Returns hr (B, 3, P, P), lr (B, 3, p, p), both in [-1, 1], and s.
     """
-    p = cfg.patch_size
     scale = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * float(
         torch.rand((), generator=generator, dtype=torch.float64))
+    p = max(1, round(cfg.lr_patch * scale)) if cfg.lr_patch else cfg.patch_size
     patches = []
     for _ in range(cfg.batch_size):
         img = images[_rand_int(len(images), generator)]
@@ -90,7 +97,7 @@ def make_batch(images: Sequence[Tensor], cfg: TrainConfig, generator: torch.Gene
                     patch = patch.flip(dim)
         patches.append(patch)
     hr = torch.stack(patches).float()  # [0, 255]
-    lr_side = max(1, round(p / scale))
+    lr_side = cfg.lr_patch or max(1, round(p / scale))
     lr = resize(hr, (lr_side, lr_side)).round_().clamp_(0, 255)
     return hr / 127.5 - 1, lr / 127.5 - 1, scale
 
@@ -137,15 +144,35 @@ class Objective(nn.Module):
         self.model, self.schedule, self.cfg, self.loss = model, schedule, cfg, loss
 
     def forward(self, hr: Tensor, lr: Tensor, generator: torch.Generator) -> Tensor:
-        cond = self.model.condition(lr, hr.shape[-2:])
+        window, hr_whole = None, hr
+        side = self.cfg.unet_patch
+        if side and max(hr.shape[-2:]) > side:  # x_con and the denoiser on one random crop
+            height, width = min(side, hr.shape[-2]), min(side, hr.shape[-1])
+            top = _rand_int(hr.shape[-2] - height + 1, generator)
+            left = _rand_int(hr.shape[-1] - width + 1, generator)
+            window = (top, left, height, width)
+            hr_full, hr = hr.shape[-2:], hr[..., top : top + height, left : left + width]
+        features = self.model.encoder.features(lr)  # once, for the crop and the point loss
+        cond = self.model.condition(lr, hr_full if window else hr.shape[-2:], window, features=features)
         x0 = encode(hr, lr, self.cfg.target, self.cfg.residual_scale, x_con=cond.x_con)
         loss = training_loss(self.model, x0, cond, schedule=self.schedule, loss=self.loss,
                              prediction=self.model.cfg.prediction, generator=generator)
         if self.cfg.condition_loss:
             # An L1 regression of the image-like condition on HR (LIIF's loss), so the
             # encoder gives the denoiser a good estimate instead of an arbitrary picture.
-            loss = loss + self.cfg.condition_loss * (cond.x_con - hr).abs().mean()
+            if self.cfg.condition_points:
+                loss = loss + self.cfg.condition_loss * self._point_loss(hr_whole, lr, features, generator)
+            else:
+                loss = loss + self.cfg.condition_loss * (cond.x_con - hr).abs().mean()
         return loss
+
+    def _point_loss(self, hr: Tensor, lr: Tensor, features: Tensor, generator: torch.Generator) -> Tensor:
+        """L1 of x_con against HR (B, 3, H, W) at condition_points random pixels per sample."""
+        b, _, height, width = hr.shape
+        index = torch.randint(height * width, (b, self.cfg.condition_points), generator=generator).to(hr.device)
+        points = torch.stack([index // width, index % width], dim=-1)
+        target = hr.flatten(2).gather(2, index[:, None].expand(-1, 3, -1))
+        return (self.model.encoder.query(lr, (height, width), points, features) - target).abs().mean()
 
 
 # ---------------------------------------------------------------- distributed
@@ -300,7 +327,7 @@ def fit(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig
     "samples_per_s", "seconds"}. Seeds torch's global generator from cfg.seed.
     """
     device = torch.device(device)
-    data = training_images(images, cfg.patch_size)
+    data = training_images(images, hr_patch_side(cfg))
     run = _build_run(model_cfg, diffusion_cfg, cfg, device)
     path = Path(ckpt_path) if ckpt_path is not None else None
     start = _resume(run, path) if path is not None and path.exists() else 0

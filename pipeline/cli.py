@@ -1,12 +1,16 @@
 """The `idm` command: `idm upscale IMAGE... --scale 3.7 --out DIR` (and `idm serve`).
 
-`--model` takes a checkpoint path or an MLflow model URI (default models:/idm@champion).
+`--model` takes `pretrained` (the default: the weights shipped in the package, no network
+or MLflow store needed), a checkpoint path or an MLflow model URI (e.g. models:/idm@champion).
+By default a model with a regression output (the shipped one) gives it: one pass, the best
+PSNR, never below bicubic (MODEL_CARD.md); `--steps N` draws a diffusion sample instead.
 Outputs are PNG files named <stem>_x<scale>.png (or <stem>_<W>x<H>.png), written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import signal
 import sys
@@ -25,7 +29,7 @@ from pipeline.data.images import (
     write_image,
 )
 
-DEFAULT_MODEL = "models:/idm@champion"
+DEFAULT_MODEL = "pretrained"  # idm.pretrained: shipped in the package
 
 SAMPLE = SampleConfig()  # sampling defaults, the same as params.yaml's
 
@@ -58,6 +62,10 @@ def load_method(args: argparse.Namespace, sample: SampleConfig, device: str):
     A model URI is downloaded into a temporary folder that is removed once the weights
     are in memory, whatever happens.
     """
+    if args.model == DEFAULT_MODEL:
+        from idm.pretrained import weights
+
+        return _method(weights(), args, sample, device)
     if "://" in args.model or args.model.startswith(("models:/", "runs:/")):
         if not args.model.startswith(MODEL_URI_SCHEMES):
             raise ValueError(f"--model {args.model!r}: unsupported model URI; give a checkpoint path, file://PATH, "
@@ -103,7 +111,8 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
     """The sampling settings the flags ask for, checked by SampleConfig (as params.yaml's are);
     an error names the flag."""
     try:
-        return SampleConfig(sampler=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta,
+        steps = SAMPLE.steps if args.steps is None else args.steps
+        return SampleConfig(sampler=args.sampler, steps=steps, spacing=args.spacing, eta=args.eta,
                             seed=args.seed, temperature=args.temperature, max_memory_gb=args.max_memory_gb,
                             tile_overlap=SAMPLE.tile_overlap, tile_context=SAMPLE.tile_context,
                             tile_norm=args.tile_norm)
@@ -142,6 +151,8 @@ def upscale(args: argparse.Namespace) -> None:
         method = load_method(args, sample, device)
     except ConfigError as err:  # settings that depend on the model: --steps above its T
         raise flag_error(err) from None
+    if args.steps is None and method.regression:  # the default: the regression output
+        method.sample = dataclasses.replace(method.sample, steps=0)
     from idm.inference.memory import check_memory, estimate_peak_bytes
     from idm.inference.tiling import tile_starts
 
@@ -182,8 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     target = up.add_mutually_exclusive_group(required=True)
     target.add_argument("--scale", type=parse_scale, help="magnification, a number > 1 (e.g. 3.7)")
     target.add_argument("--size", type=parse_size, help="output size WIDTHxHEIGHT (e.g. 1920x1080)")
-    up.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint path or MLflow model URI (default {DEFAULT_MODEL})")
-    up.add_argument("--steps", type=int, default=SAMPLE.steps, help=f"denoising steps (default {SAMPLE.steps})")
+    up.add_argument("--model", default=DEFAULT_MODEL, help=f"'{DEFAULT_MODEL}' (the shipped model), a checkpoint path or an MLflow model URI "
+                         f"such as models:/idm@champion (default {DEFAULT_MODEL})")
+    up.add_argument("--steps", type=int, default=None,
+                    help="denoising steps of a diffusion sample; 0: the regression output, no diffusion (default: "
+                         f"0 for a model that has a regression output, like the shipped one, else {SAMPLE.steps})")
     up.add_argument("--sampler", default=SAMPLE.sampler, choices=sorted(SAMPLERS))
     up.add_argument("--spacing", default=SAMPLE.spacing, choices=list(SPACINGS),
                     help=f"how the steps spread over the noise schedule (default {SAMPLE.spacing})")

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = ROOT / "params.yaml"
 
 SOURCES = ("skimage", "folder", "url")
-METHODS = ("bicubic", "idm", "idm-int8")
+METHODS = ("bicubic", "idm", "idm-regression", "idm-int8", "pretrained", "pretrained-regression")
 
 # The RGB photographs scikit-image ships in its wheel (no network needed).
 SKIMAGE_IMAGES = (
@@ -345,7 +345,7 @@ def read_yaml(path: str | Path) -> Any:
     if path.stat().st_size > MAX_FILE_BYTES:
         raise ParamsError(f"{path}: {path.stat().st_size} bytes, too large for a params file (at most {MAX_FILE_BYTES})")
     try:
-        return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader
+        return yaml.load(path.read_text(), Loader=_StrictLoader)
     except ParamsError as err:  # an alias or a duplicate key: the loader names the line
         raise ParamsError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

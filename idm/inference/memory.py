@@ -63,7 +63,8 @@ def estimate_peak_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int =
     if lr_size is not None:
         lr_pixels = int(lr_size[0]) * int(lr_size[1])
         held += 3 * lr_pixels  # the LR image
-        blocks.append(3 * cfg.encoder_channels * lr_pixels + (cfg.encoder_channels + 6) * n[0])  # LR encoder
+        decoder = cfg.encoder_channels + 6 + (3 + 2 * cfg.decoder_hidden if cfg.decoder_hidden else 0)
+        blocks.append(3 * cfg.encoder_channels * lr_pixels + decoder * n[0])  # LR encoder and x_con decoder
     activations = ACTIVATION_SLACK * (held + max(blocks))
     return RUNTIME_BYTES + 4 * (_param_count(cfg) + math.ceil(batch * activations))
 
@@ -89,7 +90,7 @@ def estimate_tiled_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], size: 
     `overlap` LR px, `context` HR px and `norm`: one tile's run on the largest network
     input of the plan (`input_span`, aligned to the UNet's coarsest grid), plus the
     whole-image buffers the tiling holds (`WHOLE_IMAGE_FLOATS`)."""
-    (h, w), (height, width), align = lr_size, size, cfg.unet_stride
+    (h, w), (height, width), align = lr_size, size, cfg.tile_align
     tile_size = (largest_input(h, height, tile=tile, overlap=overlap, context=context, align=align),
                  largest_input(w, width, tile=tile, overlap=overlap, context=context, align=align))
     lr_tile = tuple(-(-t * lr // hr) for t, lr, hr in zip(tile_size, (h, w), (height, width)))

@@ -256,8 +256,8 @@ def tiled_super_resolve(model: IDM, lr: Tensor, size: tuple[int, int], timesteps
 
     `sample` gives the sampler, eta and temperature, and the tiling: square `tile`-px LR
     tiles overlapping by `sample.tile_overlap` LR px, each input widened by
-    `sample.tile_context` HR px and aligned to `align` HR px (default: the UNet's
-    coarsest stride; `input_span`). x_T is drawn once for the whole (H, W) image with
+    `sample.tile_context` HR px and aligned to `align` HR px (default: the model's
+    `ModelConfig.tile_align`; `input_span`). x_T is drawn once for the whole (H, W) image with
     `generator` and every tile starts from its crop, so with a deterministic sampler
     (DDIM, eta = 0) overlapping tiles agree up to their different context. Each tile's
     condition is computed once, and `decode` is applied tile by tile, before blending.
@@ -273,7 +273,7 @@ def tiled_super_resolve(model: IDM, lr: Tensor, size: tuple[int, int], timesteps
     overlap, context = sample.tile_overlap, sample.tile_context
     x_T = sample.temperature * gaussian((lr.shape[0], 3, *size), generator, device=lr.device, dtype=lr.dtype)
     if align is None:
-        align = model.cfg.unet_stride
+        align = model.cfg.tile_align
     if sample.tile_norm == "image":
         return _image_norm_sample(model, lr, size, timesteps, x_T, schedule=schedule, sampler=sampler, eta=eta,
                                   clip_x0=clip_x0, decode=decode, generator=generator, tile=tile,

@@ -19,7 +19,7 @@ from idm.diffusion.sampling import SAMPLER_FUNCTIONS, spaced_timesteps, super_re
 from idm.diffusion.schedule import schedule_for
 from idm.diffusion.targets import decoder
 from idm.inference.memory import choose_tile
-from idm.inference.tiling import tiled_super_resolve
+from idm.inference.tiling import tiled_apply, tiled_super_resolve
 from idm.resize import resize_uint8, to_model_range, to_uint8
 
 
@@ -48,17 +48,20 @@ class DiffusionSR:
     whose untiled run would exceed `sample.max_memory_gb` (idm.inference.memory) is made
     tile by tile (idm.inference.tiling). `diffusion` gives the noise schedule the model
     was trained with; `target` and `residual_scale` what its diffusion denoises
-    (idm.diffusion.targets). Assigning `sample` re-spaces the steps; ConfigError if it asks
-    for more steps than the model's schedule has.
+    (idm.diffusion.targets). With `sample.steps` = 0 the output is the encoder's regression
+    estimate x_con, with no diffusion: only for a model whose x_con was trained as one
+    (`regression`, TrainConfig.condition_loss > 0). Assigning `sample` re-spaces the steps;
+    ConfigError if it asks for more steps than the model's schedule has, or for 0 steps
+    of a model without a regression output.
     """
 
     def __init__(self, model: nn.Module, *, diffusion: DiffusionConfig, target: str = "image",
                  residual_scale: float = 1.0, sample: SampleConfig = SampleConfig(),
-                 device: torch.device | str = "cpu", name: str = "idm") -> None:
+                 device: torch.device | str = "cpu", name: str = "idm", regression: bool = False) -> None:
         self.model = model.to(device).eval()
         self.schedule, self.clip_x0 = schedule_for(diffusion), diffusion.clip_x0
         self.decode = decoder(target, residual_scale)
-        self.device, self.name = torch.device(device), name
+        self.device, self.name, self.regression = torch.device(device), name, regression
         self.sample = sample
 
     @property
@@ -70,8 +73,12 @@ class DiffusionSR:
     def sample(self, sample: SampleConfig) -> None:
         total = self.schedule.timesteps
         if sample.steps > total:
-            raise ConfigError("steps", f"an integer in [1, {total}] (the model's diffusion timesteps)", sample.steps)
-        self.timesteps = spaced_timesteps(total, sample.steps, sample.spacing)
+            raise ConfigError("steps", f"an integer in [{0 if self.regression else 1}, {total}] (the model's "
+                              "diffusion timesteps)", sample.steps)
+        if sample.steps == 0 and not self.regression:
+            raise ConfigError("steps", "an integer >= 1: this model's x_con was not trained as a regression "
+                              "(condition_loss 0), so it has no regression output", sample.steps)
+        self.timesteps = spaced_timesteps(total, sample.steps, sample.spacing) if sample.steps else []
         self._sample = sample
 
     @classmethod
@@ -82,7 +89,7 @@ class DiffusionSR:
         train = ckpt["train_config"]
         return cls(build_model(ckpt, use_ema=True), diffusion=DiffusionConfig(**ckpt["diffusion_config"]),
                    target=train["target"], residual_scale=train["residual_scale"], sample=sample,
-                   device=device, name=name)
+                   device=device, name=name, regression=train.get("condition_loss", 0.0) > 0)
 
     def __call__(self, lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return self.upscale(lr, size, self.tile_for(lr.shape[:2], size))
@@ -93,6 +100,8 @@ class DiffusionSR:
         caller that reports how the image was split reports what ran."""
         x_lr = to_model_range(lr, self.device)
         generator = torch.Generator(self.device).manual_seed(self.sample.seed)
+        if not self.sample.steps:
+            return to_uint8(self._regression(x_lr, size, tile))
         if tile is None:
             s = self.sample
             image = super_resolve(self.model, x_lr, size, self.timesteps, schedule=self.schedule,
@@ -103,6 +112,15 @@ class DiffusionSR:
                                         sample=self.sample, tile=tile, clip_x0=self.clip_x0, decode=self.decode,
                                         generator=generator)
         return to_uint8(image)
+
+    def _regression(self, x_lr: torch.Tensor, size: tuple[int, int], tile: int | None) -> torch.Tensor:
+        """x_con, the encoder's regression estimate: (1, 3, h, w) -> (1, 3, H, W) in [-1, 1]."""
+        encoder = self.model.encoder
+        if tile is None:
+            return encoder(x_lr, size).clamp(-1, 1)
+        s = self.sample
+        return tiled_apply(lambda lr_tile, tile_size: encoder(lr_tile, tile_size), x_lr, size, tile=tile,
+                           overlap=s.tile_overlap, context=s.tile_context).clamp(-1, 1)
 
     def tile_for(self, lr_size: tuple[int, int], size: tuple[int, int]) -> int | None:
         """The square LR tile side an (h, w) -> `size` upscale runs in (`choose_tile` under

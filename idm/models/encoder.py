@@ -6,11 +6,13 @@ image (`IDM.condition`), not once per denoising step as the reference code does.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from idm.models.coords import query_nearest
+from idm.models.coords import make_coord_1d, query_nearest
 from idm.models.layers import Blur, conv3x3
+from idm.models.modulation import scale_code
 from idm.resize import resize
 
 
@@ -30,26 +32,86 @@ class LREncoder(nn.Module):
     """EDSR-baseline features of the LR image, turned into an image-like condition.
 
     forward(lr (B, 3, h, w) in [-1, 1], size=(H, W)) -> x_con (B, 3, H, W).
-    The features are taken to the target grid by nearest sampling and projected to
-    3 channels; that projection is added to the bicubic upscale of the LR image, so
-    x_con starts out as a sensible picture and the encoder learns a correction.
+    The features are taken to the target grid and projected to 3 channels; that
+    projection is added to the bicubic upscale of the LR image, so x_con starts out as
+    a sensible picture and the encoder learns a correction. With decoder_hidden = 0 the
+    projection is a 3x3 conv of the nearest feature; with decoder_hidden > 0 it is a
+    per-pixel MLP (1x1 convs) of the bilinearly interpolated feature, the position in
+    its LR pixel and the scale code: a smooth, scale-aware decoder whose cost per
+    output pixel is a few thousand multiply-adds, so the encoder's capacity stays at LR.
     """
 
-    def __init__(self, *, channels: int, blocks: int) -> None:
+    def __init__(self, *, channels: int, blocks: int, decoder_hidden: int = 0) -> None:
         super().__init__()
         self.head = conv3x3(3, channels)
         self.body = nn.Sequential(*(EDSRBlock(channels) for _ in range(blocks)),
                                   conv3x3(channels, channels))
-        self.to_image = conv3x3(channels, 3)
+        if decoder_hidden:
+            self.to_image = nn.Sequential(
+                nn.Conv2d(channels + 3, decoder_hidden, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(decoder_hidden, decoder_hidden, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(decoder_hidden, 3, 1))
+        else:
+            self.to_image = conv3x3(channels, 3)
+        self.mlp = bool(decoder_hidden)
 
     def features(self, lr: Tensor) -> Tensor:
         """EDSR-baseline features: (B, 3, h, w) -> (B, C, h, w)."""
         x = self.head(lr)
         return x + self.body(x)
 
-    def forward(self, lr: Tensor, size: tuple[int, int]) -> Tensor:
-        near, _ = query_nearest(self.features(lr), size)
-        return resize(lr, size) + self.to_image(near)
+    def forward(self, lr: Tensor, size: tuple[int, int], window: Window | None = None,
+                feat: Tensor | None = None) -> Tensor:
+        """x_con on the (H, W) grid, or only on `window` (top, left, height, width) of it:
+        training scores x_con on a crop, and the crop's values equal the whole grid's there.
+        `feat`: `features(lr)` when the caller has them already."""
+        feat = self.features(lr) if feat is None else feat
+        if not self.mlp:
+            near, _ = query_nearest(feat, size)
+            return _crop(resize(lr, size) + self.to_image(near), window)
+        if window is None:
+            up = F.interpolate(feat, size=tuple(size), mode="bilinear", align_corners=False)
+        else:  # the same bilinear sampling at the window's pixel centres only
+            top, left, height, width = window
+            rows = make_coord_1d(size[0], device=lr.device)[top : top + height]
+            cols = make_coord_1d(size[1], device=lr.device)[left : left + width]
+            grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
+            up = F.grid_sample(feat, grid.to(feat.dtype)[None].expand(lr.shape[0], -1, -1, -1),
+                               mode="bilinear", padding_mode="border", align_corners=False)
+        _, geometry = query_nearest(feat[:1, :1], size)  # offsets in the LR pixel, cell size
+        code = torch.full_like(geometry[:, :1], scale_code(lr.shape[-2:], size))
+        where = _crop(torch.cat([geometry[:, :2], code], dim=1), window).expand(lr.shape[0], -1, -1, -1)
+        return _crop(resize(lr, size), window) + self.to_image(torch.cat([up, where], dim=1))
+
+
+    def query(self, lr: Tensor, size: tuple[int, int], points: Tensor, feat: Tensor | None = None) -> Tensor:
+        """x_con at chosen pixels of the (H, W) grid only: points (B, N, 2) int64 (row, col)
+        -> (B, 3, N), equal to forward(lr, size)[b, :, row, col]. Needs the MLP decoder
+        (decoder_hidden > 0); training scores x_con on random pixels of a large patch (LIIF)."""
+        if not self.mlp:
+            raise ValueError("x_con at single pixels needs the MLP decoder (ModelConfig.decoder_hidden > 0)")
+        (h, w), (height, width) = lr.shape[-2:], size
+        feat = self.features(lr) if feat is None else feat
+        rows, cols = points[..., 0], points[..., 1]  # (B, N)
+        y, x = (2 * rows + 1) / height - 1, (2 * cols + 1) / width - 1
+        grid = torch.stack([x, y], dim=-1)[:, None].to(feat.dtype)  # (B, 1, N, 2)
+        up = F.grid_sample(feat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        drow = ((y + 1) / 2 * h - ((y + 1) / 2 * h).floor().clamp(0, h - 1) - 0.5).to(feat.dtype)
+        dcol = ((x + 1) / 2 * w - ((x + 1) / 2 * w).floor().clamp(0, w - 1) - 0.5).to(feat.dtype)
+        code = torch.full_like(drow, scale_code((h, w), size))
+        where = torch.stack([drow, dcol, code], dim=1)[:, :, None]  # (B, 3, 1, N)
+        base = resize(lr, size).flatten(2).gather(2, (rows * width + cols)[:, None].expand(-1, 3, -1))
+        return base + self.to_image(torch.cat([up, where], dim=1))[:, :, 0]
+
+
+Window = tuple[int, int, int, int]  # (top, left, height, width) of a crop of the target grid
+
+
+def _crop(x: Tensor, window: Window | None) -> Tensor:
+    if window is None:
+        return x
+    top, left, height, width = window
+    return x[..., top : top + height, left : left + width]
 
 
 class DownBlock(nn.Module):

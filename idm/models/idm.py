@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from idm.config import ModelConfig
 from idm.diffusion.prediction import to_eps
-from idm.models.encoder import ConditionPyramid, LREncoder
+from idm.models.encoder import ConditionPyramid, LREncoder, Window
 from idm.models.modulation import scale_code
 from idm.models.unet import UNet
 
@@ -54,18 +54,25 @@ class IDM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = LREncoder(channels=cfg.encoder_channels, blocks=cfg.encoder_blocks)
+        self.encoder = LREncoder(channels=cfg.encoder_channels, blocks=cfg.encoder_blocks,
+                                 decoder_hidden=cfg.decoder_hidden)
         self.pyramid = ConditionPyramid(cfg.channels)
         self.unet = UNet(cfg)
 
-    def condition(self, lr: Tensor, size: tuple[int, int]) -> Condition:
-        """LR image (B, 3, h, w) in [-1, 1] and target size (H, W) -> Condition."""
+    def condition(self, lr: Tensor, size: tuple[int, int], window: Window | None = None, *,
+                  features: Tensor | None = None) -> Condition:
+        """LR image (B, 3, h, w) in [-1, 1] and target size (H, W) -> Condition.
+
+        With `window` = (top, left, height, width), the condition of that crop of the
+        (H, W) output only (training's denoiser works on crops: TrainConfig.unet_patch).
+        `features`: the encoder's `features(lr)`, when the caller has them already.
+        """
         if lr.dim() != 4 or lr.shape[1] != 3:
             raise ValueError(f"lr must be (B, 3, h, w), got {tuple(lr.shape)}")
         height, width = (int(s) for s in size)
         if height < 1 or width < 1:
             raise ValueError(f"target size must be at least 1x1, got {height}x{width}")
-        x_con = self.encoder(lr, (height, width))
+        x_con = self.encoder(lr, (height, width), window, features)
         code = torch.full((lr.shape[0],), scale_code(lr.shape[-2:], (height, width)),
                           device=lr.device, dtype=lr.dtype)
         return Condition(x_con, self.pyramid(self.to_canvas(x_con)), code)

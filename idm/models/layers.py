@@ -63,27 +63,55 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Single-head self-attention over all pixels, with a residual. x: (B, C, H, W)."""
+    """Single-head self-attention with a residual. x: (B, C, H, W) -> (B, C, H, W).
 
-    def __init__(self, channels: int, *, groups: int) -> None:
+    With window = 0, or a map no larger than window x window, every pixel attends to
+    every other. Otherwise the map is cut into window x window blocks from its top-left
+    corner (the last row and column of blocks padded, the padding masked out) and each
+    block attends within itself, so the cost per pixel is bounded whatever the image size.
+    """
+
+    def __init__(self, channels: int, *, groups: int, window: int = 0) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
+        self.window = window
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2)
-        if not torch.is_grad_enabled():
-            # Inference: contiguous (B, N, C) q, k, v take SDPA's flash kernel, which works
-            # in blocks, in memory linear in N; with strided ones SDPA falls back on CPU to
-            # its math kernel and holds N x N maps. Training keeps the math kernel, whose
-            # rounding the reported default model was trained with (docs/decisions.md,
-            # "Self-attention kernel at inference vs training").
-            qkv = qkv.contiguous()
-        q, k, v = qkv.unbind(1)
-        y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
+        qkv = self.qkv(self.norm(x))
+        win = self.window
+        if not win or (h <= win and w <= win):
+            y = _attend(qkv.reshape(b, 3, c, h * w).transpose(-1, -2)).transpose(-1, -2)
+            return x + self.out(y.reshape(b, c, h, w))
+        rows, cols = -(-h // win), -(-w // win)
+        padded = F.pad(qkv, (0, cols * win - w, 0, rows * win - h))
+        # (B, 3C, rows*win, cols*win) -> (B * rows * cols, 3, win*win, C)
+        blocks = (padded.reshape(b, 3, c, rows, win, cols, win).permute(0, 3, 5, 1, 4, 6, 2)
+                  .reshape(b * rows * cols, 3, win * win, c))
+        mask = None
+        if (rows * win, cols * win) != (h, w):
+            valid = F.pad(x.new_ones(1, 1, h, w, dtype=torch.bool), (0, cols * win - w, 0, rows * win - h))
+            mask = (valid.reshape(1, rows, win, cols, win).permute(0, 1, 3, 2, 4)
+                    .reshape(rows * cols, 1, 1, win * win).repeat(b, 1, 1, 1))
+        y = _attend(blocks, mask)  # (B * rows * cols, win*win, C)
+        y = (y.reshape(b, rows, cols, win, win, c).permute(0, 5, 1, 3, 2, 4)
+             .reshape(b, c, rows * win, cols * win)[..., :h, :w])
+        return x + self.out(y)
+
+
+def _attend(qkv: Tensor, mask: Tensor | None = None) -> Tensor:
+    """qkv (N, 3, L, C) -> attention output (N, L, C); mask (N, 1, 1, L) bool, True = may be attended."""
+    if not torch.is_grad_enabled():
+        # Inference: contiguous (N, L, C) q, k, v take SDPA's flash kernel, which works
+        # in blocks, in memory linear in L; with strided ones SDPA falls back on CPU to
+        # its math kernel and holds L x L maps. Training keeps the math kernel, whose
+        # rounding the reported default model was trained with (docs/decisions.md,
+        # "Self-attention kernel at inference vs training").
+        qkv = qkv.contiguous()
+    q, k, v = qkv.unbind(1)
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask)[:, 0]
 
 
 class Blur(nn.Module):

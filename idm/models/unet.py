@@ -19,7 +19,8 @@ class LevelBlock(nn.Module):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim=cfg.base_channels,
                             groups=cfg.norm_groups, dropout=cfg.dropout)
-        self.attn = SelfAttention(out_ch, groups=cfg.norm_groups) if attention else nn.Identity()
+        self.attn = (SelfAttention(out_ch, groups=cfg.norm_groups, window=cfg.attention_window)
+                     if attention else nn.Identity())
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         return self.attn(self.res(x, emb))

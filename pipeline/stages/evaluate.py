@@ -10,6 +10,7 @@ leaves the previous run's outputs as they were; the MLflow store is checked firs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from contextlib import ExitStack
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from idm.config import SampleConfig
 from idm.device import resolve_device
 from idm.files import atomic_path
 from idm.inference.upscaler import Bicubic, DiffusionSR, Method
@@ -24,27 +26,43 @@ from pipeline import tracking
 from pipeline.evaluation import metrics
 from pipeline.evaluation.evaluate import fid_by_group, run_method, summarize
 from pipeline.evaluation.names import ALL_METRICS, metric_name
-from pipeline.params import ROOT, EvaluateParams, Params, flatten, load
+from pipeline.params import METHODS, ROOT, EvaluateParams, Params, flatten, load
 from pipeline.stages import run
 from pipeline.workspace import staged_dir
 
 
 def build_methods(params: Params, checkpoint: Path, device: str) -> list[Method]:
-    """The methods params.yaml asks for; `idm` is the trained checkpoint's EMA model."""
-    def idm() -> Method:
+    """The methods params.yaml asks for: `idm` is the trained checkpoint's EMA model
+    sampled as params.yaml's `sample` says, `idm-regression` its regression output
+    (sample.steps = 0), `pretrained` and `pretrained-regression` the same two of the
+    model shipped in the package (idm.pretrained)."""
+    regression = dataclasses.replace(params.sample, steps=0)
+
+    def trained(sample: SampleConfig, name: str) -> Method:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint}: no trained model; run the train stage first (dvc repro train)")
-        return DiffusionSR.from_checkpoint(checkpoint, params.sample, device=device)
+        return DiffusionSR.from_checkpoint(checkpoint, sample, device=device, name=name)
 
     def idm_int8() -> Method:
         int8 = checkpoint.parent.parent / "idm-int8" / "model_int8.pt"
         if not int8.is_file():
             raise FileNotFoundError(f"{int8}: no int8 model; run the quantize stage first (dvc repro quantize)")
-        method = idm().use_int8(int8)
-        method.name = "idm-int8"
-        return method
+        return trained(params.sample, "idm-int8").use_int8(int8)
 
-    builders = {"bicubic": Bicubic, "idm": idm, "idm-int8": idm_int8}
+    def shipped(sample: SampleConfig, name: str) -> Method:
+        from idm.pretrained import weights
+
+        return DiffusionSR.from_checkpoint(weights(), sample, device=device, name=name)
+
+    builders = {
+        "bicubic": Bicubic,
+        "idm": lambda: trained(params.sample, "idm"),
+        "idm-regression": lambda: trained(regression, "idm-regression"),
+        "idm-int8": idm_int8,
+        "pretrained": lambda: shipped(params.sample, "pretrained"),
+        "pretrained-regression": lambda: shipped(regression, "pretrained-regression"),
+    }
+    assert set(builders) == set(METHODS)
     return [builders[name]() for name in params.evaluate.methods]
 
 

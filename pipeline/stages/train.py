@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared")
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "idm")
+    parser.add_argument("--alias", default="candidate", help="registry alias of the new version (default candidate)")
     args = parser.parse_args()
     params = load(args.params)
     if params.train_stage.threads:
@@ -163,15 +164,16 @@ def main() -> None:
         if info.world_size > 1:
             torch.distributed.barrier()
         if info.rank == 0:
-            train_and_register(params, images, info.device, args.out, inputs)
+            train_and_register(params, images, info.device, args.out, inputs, alias=args.alias)
         else:
             fit(params.model, params.diffusion, params.train, images, device=info.device, ckpt_path=ckpt_path)
     finally:
         cleanup_distributed()
 
 
-def train_and_register(params: Params, images: list[np.ndarray], device: torch.device, out: Path, inputs: str) -> None:
-    """Rank 0: train inside an MLflow run, then register the EMA model as a new `idm` version.
+def train_and_register(params: Params, images: list[np.ndarray], device: torch.device, out: Path, inputs: str, *,
+                       alias: str = "candidate") -> None:
+    """Rank 0: train inside an MLflow run, then register the EMA model as a new `idm` version with `alias`.
 
     Between the two, out/pending.json marks the finished run (see the module docstring).
     """
@@ -192,12 +194,12 @@ def train_and_register(params: Params, images: list[np.ndarray], device: torch.d
         mlflow.log_metrics({f"train_{k}": float(v) for k, v in summary.items()})
         n_params = export_inference(ckpt_path, out / "model.pt")
         version = log_and_register(out / "model.pt", tags={"n_params": str(n_params), "target": params.train.target})
-        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "candidate", version)
+        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, alias, version)
         record = {"run_id": active.info.run_id, "model_name": MODEL_NAME, "version": version}
     with atomic_path(out / "registered.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     (out / PENDING).unlink(missing_ok=True)
-    print(f"registered {MODEL_NAME} version {version} (alias candidate); {summary['samples_per_s']:.1f} samples/s")
+    print(f"registered {MODEL_NAME} version {version} (alias {alias}); {summary['samples_per_s']:.1f} samples/s")
 
 
 if __name__ == "__main__":

@@ -58,12 +58,13 @@ def test_upscale_to_size(tmp_path, checkpoint):
 def test_tiled_output_matches_requested_size(tmp_path, checkpoint):
     Image.fromarray(photo(40, 40)).save(tmp_path / "a.png")
     # Untiled, 320x320 needs an estimated 0.84 GiB (0.75 of it torch itself); under 0.82 GiB
-    # it is made in 4 tiles of 25 LR px with their context.
+    # it is made in 4 tiles of 24 LR px with their context (inputs aligned to the 32 px of its
+    # attention windows: ModelConfig.tile_align).
     r = idm("upscale", tmp_path / "a.png", "--scale", "8", "--model", checkpoint, "--steps", "1",
             "--max-memory-gb", "0.82", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert read_image(tmp_path / "a_x8.png").shape == (320, 320, 3)
-    assert "(320x320) in 4 tiles of 25 LR px (in one piece it would need ~0.84 GiB, above --max-memory-gb 0.82)" in r.stdout
+    assert "(320x320) in 4 tiles of 24 LR px (in one piece it would need ~0.84 GiB, above --max-memory-gb 0.82)" in r.stdout
 
 
 @pytest.mark.parametrize(
@@ -100,3 +101,69 @@ def test_memory_bound_without_tiling(tmp_path, checkpoint):
             "--max-memory-gb", "0.3", "--out", tmp_path / "out")
     assert r.returncode == 2 and "above the bound" in r.stderr and "enable tiling" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def regression_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny model whose x_con was (nominally) trained as a regression (condition_loss > 0)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{k: v for k, v in TINY["model"].items() if k != "preset"}, decoder_hidden=8)
+    model = IDM(cfg)
+    path = tmp_path_factory.mktemp("cli") / "regression.pt"
+    save_checkpoint(make_checkpoint(model_config=cfg, diffusion_config=DiffusionConfig(timesteps=50),
+                                    train_config=TrainConfig(target="refine", condition_loss=1.0, patch_size=16),
+                                    model=model.state_dict(), ema=model.state_dict(), optimizer={}, step=0, rng=[]),
+                    path)
+    return path
+
+
+def test_steps_0_writes_the_regression_output(tmp_path, regression_checkpoint):
+    from idm.checkpoint import build_model, load_checkpoint
+    from idm.resize import to_model_range, to_uint8
+
+    img = photo(12, 10)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", "--scale", "3", "--model", regression_checkpoint, "--steps", "0",
+            "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    model = build_model(load_checkpoint(regression_checkpoint), use_ema=True).eval()
+    with torch.no_grad():
+        want = to_uint8(model.encoder(to_model_range(img, "cpu"), (36, 30)).clamp(-1, 1))
+    assert (read_image(tmp_path / "out" / "a_x3.png") == want).all()
+
+
+def test_steps_0_of_a_model_without_a_regression_output_is_refused(tmp_path, checkpoint):
+    Image.fromarray(photo(8, 8)).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", "--scale", "2", "--model", checkpoint, "--steps", "0",
+            "--out", tmp_path / "out")
+    assert r.returncode == 2 and "--steps must be an integer >= 1: this model's x_con was not trained" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_model_is_the_shipped_one(tmp_path):
+    """No --model, no MLflow store, no network: the package's weights."""
+    import os
+
+    from idm.pretrained import weights
+
+    Image.fromarray(photo(10, 12)).save(tmp_path / "a.png")
+    no_store = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/missing/dir/mlflow.db"}
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "upscale", str(tmp_path / "a.png"), "--scale", "2",
+                        "--steps", "1", "--out", str(tmp_path / "default")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=no_store)
+    assert r.returncode == 0, r.stderr
+    r = idm("upscale", tmp_path / "a.png", "--scale", "2", "--steps", "1", "--model", weights(),
+            "--out", tmp_path / "explicit")
+    assert r.returncode == 0, r.stderr
+    assert (read_image(tmp_path / "default" / "a_x2.png") == read_image(tmp_path / "explicit" / "a_x2.png")).all()
+
+
+def test_without_steps_a_regression_model_gives_its_regression_output(tmp_path, regression_checkpoint, checkpoint):
+    Image.fromarray(photo(12, 10)).save(tmp_path / "a.png")
+    for name, model, steps in (("default", regression_checkpoint, []), ("zero", regression_checkpoint, ["--steps", "0"]),
+                               ("diffusion", checkpoint, [])):
+        r = idm("upscale", tmp_path / "a.png", "--scale", "2", "--model", model, *steps, "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    default, zero = (read_image(tmp_path / n / "a_x2.png") for n in ("default", "zero"))
+    assert (default == zero).all()
+    assert read_image(tmp_path / "diffusion" / "a_x2.png").shape == (24, 20, 3)  # no regression output: it samples

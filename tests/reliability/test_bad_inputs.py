@@ -176,7 +176,7 @@ def test_every_stage_rejects_a_bad_params_file_before_any_work(tmp_path, stage, 
     (["--size", "100000x100000"], "a 100000x100000 output is above the limit"),
     (["--scale", "8", "--max-memory-gb", "0.001"], "no tile larger than the overlap (8 px) fits"),
     (["--scale", "8", "--max-memory-gb", "0.05", "--no-tiling"], "above the bound of 0.05 GiB"),
-    (["--scale", "2", "--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--scale", "2", "--steps", "0"], "--steps must be an integer >= 1: this model's x_con was not trained as a regression"),
 ])
 def test_the_cli_rejects_bad_scales_sizes_and_memory_bounds(checkpoint, tmp_path, capsys, args, fragment):  # noqa: F811
     (tmp_path / "a.png").write_bytes(_png(photo(8, 8)))

@@ -48,7 +48,7 @@ def _run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]
 
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "51"], "--steps must be an integer in [1, 50] (the model's diffusion timesteps), got 51"),
-    (["--steps", "-2"], "--steps must be an integer >= 1, got -2"),
+    (["--steps", "-2"], "--steps must be an integer >= 0 (0: the regression output), got -2"),
     (["--eta", "nan"], "--eta must be a number >= 0, got nan"),
     (["--eta", "-1"], "--eta must be a number >= 0, got -1.0"),
     (["--temperature", "inf"], "--temperature must be a number in [0, 1], got inf"),
@@ -167,10 +167,10 @@ def _start_upscale(model: Path, image: Path, out: Path) -> subprocess.Popen:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupt_ends_in_one_line_exit_130_and_leaves_no_temporary_file(checkpoint, tmp_path,  # noqa: F811
                                                                              signum):
-    (tmp_path / "a.png").write_bytes(_png(96, 96))
+    (tmp_path / "a.png").write_bytes(_png(192, 192))
     out = tmp_path / "out"
     proc = _start_upscale(checkpoint, tmp_path / "a.png", out)
-    time.sleep(8)  # loaded and sampling (50 steps of a 384 px output take longer than this)
+    time.sleep(8)  # loaded and sampling (50 steps of a 768 px output take longer than this)
     assert proc.poll() is None, proc.stderr.read()
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
