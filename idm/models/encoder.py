@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from idm.models.coords import make_coord_1d, query_nearest
+from idm.models.coords import make_coord_1d, nearest_source, query_nearest
 from idm.models.layers import Blur, conv3x3
 from idm.models.modulation import scale_code
 from idm.resize import resize
@@ -78,9 +78,11 @@ class LREncoder(nn.Module):
             grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
             up = F.grid_sample(feat, grid.to(feat.dtype)[None].expand(lr.shape[0], -1, -1, -1),
                                mode="bilinear", padding_mode="border", align_corners=False)
-        _, geometry = query_nearest(feat[:1, :1], size)  # offsets in the LR pixel, cell size
-        code = torch.full_like(geometry[:, :1], scale_code(lr.shape[-2:], size))
-        where = _crop(torch.cat([geometry[:, :2], code], dim=1), window).expand(lr.shape[0], -1, -1, -1)
+        (h, w), (height, width) = feat.shape[-2:], size
+        drow, dcol = nearest_source(h, height, device=lr.device)[1], nearest_source(w, width, device=lr.device)[1]
+        where = torch.stack([drow[:, None].expand(height, width), dcol[None, :].expand(height, width),
+                             torch.full((height, width), scale_code((h, w), size), device=lr.device)])
+        where = _crop(where.to(feat.dtype)[None], window).expand(lr.shape[0], -1, -1, -1)
         return _crop(resize(lr, size), window) + self.to_image(torch.cat([up, where], dim=1))
 
 
