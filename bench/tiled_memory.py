@@ -3,8 +3,8 @@
 Usage: python -m bench.tiled_memory [--bounds 1.5] [--lr 512] [--scale 4] [--steps 2]
                                     [--overlap 16] [--preset tiny] [--threads 2] [--norms tile image]
 
-For each memory bound (GiB), idm.inference.tiling.choose_tile picks the largest tile whose
-estimated peak fits, and a fresh Python process runs the tiled DDIM upscale (the
+For each memory bound (GiB), idm.inference.memory.choose_tile picks the tile of least work
+among those whose estimated peak fits, and a fresh Python process runs the tiled DDIM upscale (the
 tiny preset, random weights, --steps steps: memory does not depend on the weights or
 the step count), once per --norms entry (idm.inference.tiling.tiled_super_resolve's norm:
 "image" is ~15-20x slower). The parent reads the child's peak RSS from the kernel

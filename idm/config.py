@@ -259,8 +259,11 @@ class SampleConfig:
     tile_overlap: int = 8  # LR pixels shared by neighbouring tiles
     tile_context: int = 64  # HR pixels of extra input around each tile (idm.inference.tiling.input_span)
     tile_norm: str = "tile"  # one of TILE_NORMS: GroupNorm statistics per tile, or the whole image's
+    threads: int = 0  # CPU threads (idm.device.use_threads); 0: one per physical core
 
     def __post_init__(self) -> None:
+        _check(_is_int(self.threads) and self.threads >= 0, "threads", "an integer >= 0 (0: one per physical core)",
+               self.threads)
         _check(_is_number(self.max_memory_gb) and self.max_memory_gb > 0, "max_memory_gb", "a number > 0",
                self.max_memory_gb)
         _check(_is_int(self.tile_overlap) and self.tile_overlap >= 0, "tile_overlap", "an integer >= 0",

@@ -32,6 +32,8 @@ from pipeline.data.images import (
 DEFAULT_MODEL = "pretrained"  # idm.pretrained: shipped in the package
 
 SAMPLE = SampleConfig()  # sampling defaults, the same as params.yaml's
+# zlib level of the output PNGs: 3x faster to write than PIL's default 6, files 8% larger (bench/README.md).
+PNG_LEVEL = 3
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -115,7 +117,7 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
         return SampleConfig(sampler=args.sampler, steps=steps, spacing=args.spacing, eta=args.eta,
                             seed=args.seed, temperature=args.temperature, max_memory_gb=args.max_memory_gb,
                             tile_overlap=SAMPLE.tile_overlap, tile_context=SAMPLE.tile_context,
-                            tile_norm=args.tile_norm)
+                            tile_norm=args.tile_norm, threads=args.threads)
     except ConfigError as err:
         raise flag_error(err) from None
 
@@ -153,25 +155,33 @@ def upscale(args: argparse.Namespace) -> None:
         raise flag_error(err) from None
     if args.steps is None and method.regression:  # the default: the regression output
         method.sample = dataclasses.replace(method.sample, steps=0)
-    from idm.inference.memory import check_memory, estimate_peak_bytes
+    if method.device.type == "cpu":  # say what runs: threads, the kernels torch picked for this CPU, precision
+        import torch
+
+        from idm.device import use_threads
+
+        path = "int8 denoiser" if args.int8 else "float32, channels-last"
+        print(f"CPU: {use_threads(sample.threads)} threads, {torch.backends.cpu.get_cpu_capability()} kernels, {path}")
+    from idm.inference.memory import check_memory
     from idm.inference.tiling import tile_starts
 
     tiles = {}
     for path in args.images:  # decodable, and a tile (or none) fits the bound; one image held at a time
         read_image(path, max_bytes=sample.max_bytes)
         if args.no_tiling:
-            check_memory(method.model.cfg, sizes[path], max_bytes=sample.max_bytes, lr_size=shapes[path])
+            check_memory(method.model.cfg, sizes[path], max_bytes=sample.max_bytes, lr_size=shapes[path],
+                         regression=not method.sample.steps)
         tiles[path] = method.tile_for(shapes[path], sizes[path])
     for path in tqdm(args.images, desc="upscale", unit="image", disable=len(args.images) < 2):
         lr, size, tile = read_image(path, max_bytes=sample.max_bytes), sizes[path], tiles[path]
         suffix = f"x{args.scale:g}" if args.scale else f"{size[1]}x{size[0]}"
         out = args.out / f"{Path(path).stem}_{suffix}.png"
-        write_image(out, method.upscale(lr, size, tile))
+        write_image(out, method.upscale(lr, size, tile), compress_level=PNG_LEVEL)
         tiled = ""
         if tile is not None:  # say so: a tiled output can differ slightly from one run in one piece (README)
             overlap = method.sample.tile_overlap
             count = len(tile_starts(lr.shape[0], tile, overlap)) * len(tile_starts(lr.shape[1], tile, overlap))
-            need = estimate_peak_bytes(method.model.cfg, size) / 2**30
+            need = method.peak_bytes(lr.shape[:2], size) / 2**30
             tiled = (f" in {count} tiles of {tile} LR px (in one piece it would need ~{need:.2f} GiB, "
                      f"above --max-memory-gb {args.max_memory_gb:g})")
         print(f"{path} ({lr.shape[1]}x{lr.shape[0]}) -> {out} ({size[1]}x{size[0]}){tiled}")
@@ -207,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int, default=SAMPLE.seed)
     up.add_argument("--int8", action="store_true", help="int8-quantized denoiser (CPU)")
     up.add_argument("--device", default="auto")
+    up.add_argument("--threads", type=int, default=SAMPLE.threads,
+                    help="CPU threads (default 0: one per physical core)")
     up.add_argument("--max-memory-gb", type=float, default=SAMPLE.max_memory_gb,
                     help=f"tile outputs that would need more (default {SAMPLE.max_memory_gb:g})")
     up.add_argument("--tile-norm", default=SAMPLE.tile_norm, choices=list(TILE_NORMS),

@@ -133,11 +133,13 @@ class TrainStageParams:
     """Where the train stage runs (the training recipe itself is idm.config.TrainConfig)."""
 
     device: str = "auto"
-    threads: int = 0  # torch CPU threads; 0: torch's default
+    threads: int = 0  # torch CPU threads per process; 0: torch's default
+    processes: int = 1  # on CPU, DDP processes the stage starts itself (pipeline.stages.train)
 
     def __post_init__(self) -> None:
         _check(self.device in DEVICES, "train.device", f"one of {list(DEVICES)}, got {self.device!r}")
         _check(self.threads >= 0, "train.threads", f"an integer >= 0, got {self.threads}")
+        _check(self.processes >= 1, "train.processes", f"an integer >= 1, got {self.processes}")
 
 
 @dataclass(frozen=True)
@@ -274,13 +276,14 @@ def build_model(data: Any) -> ModelConfig:
 
 
 def build_train(data: Any) -> tuple[TrainConfig, TrainStageParams]:
-    """The `train` section: TrainConfig fields plus where to run (device, threads)."""
+    """The `train` section: TrainConfig fields plus where to run (device, threads, processes)."""
     data = dict(data or {})
-    stage = {k: data.pop(k) for k in ("device", "threads") if k in data}
+    stage = {k: data.pop(k) for k in ("device", "threads", "processes") if k in data}
     try:
         config = build(TrainConfig, data, "train")
     except ParamsError as err:
-        raise ParamsError(str(err).replace("allowed keys: [", "allowed keys: ['device', 'threads', ", 1)) from None
+        raise ParamsError(str(err).replace("allowed keys: [", "allowed keys: ['device', 'processes', 'threads', ",
+                                           1)) from None
     return config, build(TrainStageParams, stage, "train")
 
 

@@ -15,7 +15,7 @@ import math
 import torch
 
 from idm.config import ModelConfig
-from idm.inference.tiling import largest_input
+from idm.inference.tiling import largest_input, plan_inputs, tile_starts
 from idm.models import IDM
 
 # Bytes that Python and torch hold before the model runs.
@@ -69,10 +69,47 @@ def estimate_peak_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int =
     return RUNTIME_BYTES + 4 * (_param_count(cfg) + math.ceil(batch * activations))
 
 
+# An x_con-only run peaks either in the LR encoder (ENCODER_MAPS encoder-width float32 maps per LR
+# pixel: features, a block's input and its two conv outputs) or in the decoder (the features and
+# the first layer's output at LR, REGRESSION_HR_FLOATS float32 values per output pixel: bicubic
+# base, output, the clamped copy, the uint8 conversion); REGRESSION_SLACK covers the rest.
+ENCODER_MAPS = 4
+REGRESSION_HR_FLOATS = 9
+REGRESSION_SLACK = 1.2
+
+
+def estimate_regression_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *,
+                                   batch: int = 1) -> int:
+    """Estimated peak memory (bytes, float32, whole process) of x_con alone (`steps` 0) for an
+    (h, w) -> (H, W) upscale: runtime + weights + the larger of the LR encoder's maps and the
+    decoder's (its LR inputs and the output-sized buffers). The MLP decoder works in bands of
+    rows and holds no full-size hidden map (LREncoder._decode_rows); the nearest+conv decoder
+    holds the nearest features at full size. Calibrated against peak RSS (bench/README.md,
+    "Regression output").
+    """
+    lr_pixels, hr_pixels = int(lr_size[0]) * int(lr_size[1]), int(size[0]) * int(size[1])
+    channels = cfg.encoder_channels
+    encoder = (3 + ENCODER_MAPS * channels) * lr_pixels
+    decoder = (3 + channels + cfg.decoder_hidden) * lr_pixels + REGRESSION_HR_FLOATS * hr_pixels
+    if not cfg.decoder_hidden:
+        decoder += 2 * channels * hr_pixels
+    return RUNTIME_BYTES + 4 * (_param_count(cfg) + math.ceil(batch * REGRESSION_SLACK * max(encoder, decoder)))
+
+
+def _untiled_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int, lr_size: tuple[int, int] | None,
+                   regression: bool) -> int:
+    if not regression:
+        return estimate_peak_bytes(cfg, size, batch=batch, lr_size=lr_size)
+    if lr_size is None:
+        raise ValueError("the regression output's memory estimate needs lr_size")
+    return estimate_regression_peak_bytes(cfg, lr_size, size, batch=batch)
+
+
 def check_memory(cfg: ModelConfig, size: tuple[int, int], *, max_bytes: int, batch: int = 1,
-                 lr_size: tuple[int, int] | None = None) -> None:
-    """Raise ValueError if an untiled run at `size` (from `lr_size`) is estimated to exceed `max_bytes`."""
-    need = estimate_peak_bytes(cfg, size, batch=batch, lr_size=lr_size)
+                 lr_size: tuple[int, int] | None = None, regression: bool = False) -> None:
+    """Raise ValueError if an untiled run at `size` (from `lr_size`; x_con alone with
+    `regression`) is estimated to exceed `max_bytes`."""
+    need = _untiled_bytes(cfg, size, batch=batch, lr_size=lr_size, regression=regression)
     if need > max_bytes:
         raise ValueError(f"an untiled {size[0]}x{size[1]} output (batch {batch}) needs an estimated "
                          f"{need / 2**30:.2f} GiB, above the bound of {max_bytes / 2**30:.2f} GiB; "
@@ -85,33 +122,57 @@ WHOLE_IMAGE_FLOATS = {"tile": 16, "image": 24}
 
 def estimate_tiled_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *,
                               tile: int, overlap: int = 0, context: int = 0, batch: int = 1,
-                              norm: str = "tile") -> int:
-    """Estimated peak memory (bytes) of `tiled_super_resolve` with square `tile`-px LR tiles,
-    `overlap` LR px, `context` HR px and `norm`: one tile's run on the largest network
-    input of the plan (`input_span`, aligned to the UNet's coarsest grid), plus the
-    whole-image buffers the tiling holds (`WHOLE_IMAGE_FLOATS`)."""
+                              norm: str = "tile", regression: bool = False) -> int:
+    """Estimated peak memory (bytes) of `tiled_super_resolve` (of x_con alone with `regression`)
+    with square `tile`-px LR tiles, `overlap` LR px, `context` HR px and `norm`: one tile's run
+    on the largest network input of the plan (`input_span`, aligned to the UNet's coarsest
+    grid), plus the whole-image buffers the tiling holds (`WHOLE_IMAGE_FLOATS`)."""
     (h, w), (height, width), align = lr_size, size, cfg.tile_align
     tile_size = (largest_input(h, height, tile=tile, overlap=overlap, context=context, align=align),
                  largest_input(w, width, tile=tile, overlap=overlap, context=context, align=align))
     lr_tile = tuple(-(-t * lr // hr) for t, lr, hr in zip(tile_size, (h, w), (height, width)))
-    return (estimate_peak_bytes(cfg, tile_size, batch=batch, lr_size=lr_tile)
+    return (_untiled_bytes(cfg, tile_size, batch=batch, lr_size=lr_tile, regression=regression)
             + 4 * WHOLE_IMAGE_FLOATS[norm] * batch * height * width)
 
 
-def choose_tile(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *,
-                max_bytes: int, overlap: int, context: int = 0, batch: int = 1, norm: str = "tile") -> int | None:
-    """The largest square LR tile side whose tiled run (with `context` HR px, `norm`) fits in
-    `max_bytes`; None if the whole image fits untiled. Raises ValueError if not even a
-    tile of overlap + 1 px fits.
+def tiled_work(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *, tile: int, overlap: int,
+               context: int = 0) -> int:
+    """HR pixels the network computes in a tiled run: the summed areas of every tile's input
+    (`input_span`, aligned to the UNet's coarsest grid). With bounded attention a run's time
+    is proportional to it (bench/README.md, "Tile size")."""
+    sums = [sum(r1 - r0 for *_, r0, r1 in plan_inputs(n, big, tile=tile, overlap=overlap, context=context,
+                                                      align=cfg.tile_align))
+            for n, big in zip(lr_size, size)]
+    return sums[0] * sums[1]
 
-    The largest tile wastes least work on overlaps and context, but attention's compute
-    grows with the square of a tile's pixels, so a smaller tile can be faster at large sizes.
+
+def choose_tile(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int], *,
+                max_bytes: int, overlap: int, context: int = 0, batch: int = 1, norm: str = "tile",
+                regression: bool = False) -> int | None:
+    """The fastest square LR tile side whose tiled run (with `context` HR px, `norm`; x_con
+    alone with `regression`) fits in `max_bytes`; None if the whole image fits untiled. Raises
+    ValueError if not even a tile of overlap + 1 px fits.
+
+    Fastest is least `tiled_work`: the largest tile that fits can need more work than a smaller
+    one, when the tiles it takes overlap by most of their width (a 395 px side in two 331 px
+    tiles computes 1.7x the side; in two 202 px tiles, 1.1x). The candidates are that largest
+    tile and, for each of the next few tile counts per axis, the smallest tile that covers the
+    axis in that many.
     """
-    if estimate_peak_bytes(cfg, size, batch=batch, lr_size=lr_size) <= max_bytes:
+    if _untiled_bytes(cfg, size, batch=batch, lr_size=lr_size, regression=regression) <= max_bytes:
         return None
-    for tile in range(max(lr_size) - 1, overlap, -1):
-        if estimate_tiled_peak_bytes(cfg, lr_size, size, tile=tile, overlap=overlap, context=context,
-                                     batch=batch, norm=norm) <= max_bytes:
-            return tile
-    raise ValueError(f"no tile larger than the overlap ({overlap} px) fits in "
-                     f"{max_bytes / 2**30:.2f} GiB for a {size[0]}x{size[1]} output")
+    largest = next((tile for tile in range(max(lr_size) - 1, overlap, -1)
+                    if estimate_tiled_peak_bytes(cfg, lr_size, size, tile=tile, overlap=overlap, context=context,
+                                                 batch=batch, norm=norm, regression=regression) <= max_bytes), None)
+    if largest is None:
+        raise ValueError(f"no tile larger than the overlap ({overlap} px) fits in "
+                         f"{max_bytes / 2**30:.2f} GiB for a {size[0]}x{size[1]} output")
+    candidates = {largest}
+    for length in lr_size:
+        fewest = len(tile_starts(length, largest, overlap))
+        for count in range(fewest, fewest + 4):
+            tile = -(-(length + (count - 1) * overlap) // count)  # the smallest that covers `length` in `count` tiles
+            if overlap < tile <= largest:
+                candidates.add(tile)
+    return min(candidates, key=lambda tile: (tiled_work(cfg, lr_size, size, tile=tile, overlap=overlap,
+                                                        context=context), -tile))

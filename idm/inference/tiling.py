@@ -26,8 +26,10 @@ own statistics (`SampleConfig.tile_norm` "tile", the default: fast). With "image
 step and normalise with the whole image's statistics, found tile by tile in bounded
 memory (`idm.inference.image_norm`), for many times the compute (bench/README.md). And
 the receptive field beyond a tile's `context`, which more context closes for more
-compute. Tiles as large as the memory bound allows (`idm.inference.memory.choose_tile`,
-what `idm upscale` uses) keep both gaps small (docs/decisions.md, "Tile context and grid alignment").
+compute. Few tiles keep both gaps small: `idm.inference.memory.choose_tile` (what `idm
+upscale` uses) takes the fewest that fit the memory bound, each no larger than that count
+needs, which is also the least work (docs/decisions.md, "Tile context and grid alignment",
+"Tile size: least work").
 
 Noise. For a diffusion sampler to give the same picture tiled and untiled, x_T is
 drawn once for the whole HR image and each tile receives its crop (`noise=` of

@@ -69,6 +69,8 @@ class LREncoder(nn.Module):
         if not self.mlp:
             near, _ = query_nearest(feat, size)
             return _crop(resize(lr, size) + self.to_image(near), window)
+        if window is None and not torch.is_grad_enabled():
+            return resize(lr, size) + self._decode_rows(feat, size)
         if window is None:
             up = F.interpolate(feat, size=tuple(size), mode="bilinear", align_corners=False)
         else:  # the same bilinear sampling at the window's pixel centres only
@@ -85,6 +87,40 @@ class LREncoder(nn.Module):
         where = _crop(where.to(feat.dtype)[None], window).expand(lr.shape[0], -1, -1, -1)
         return _crop(resize(lr, size), window) + self.to_image(torch.cat([up, where], dim=1))
 
+    def _decode_rows(self, feat: Tensor, size: tuple[int, int], band_pixels: int = 1 << 15) -> Tensor:
+        """The MLP decoder's output on the whole (H, W) grid, `band_pixels` output pixels at a
+        time: (B, C, h, w) features -> (B, 3, H, W), equal to the autograd path of `forward`
+        up to float rounding (tests/idm/models/test_lean.py).
+
+        Inference only, and fast because no (C, H, W) map is ever built: bilinear
+        interpolation and the first 1x1 conv are both linear and the interpolation weights
+        sum to 1, so the first layer runs at LR and only its output is interpolated; the
+        geometry's part of that layer is a row term plus a column term; the rest runs
+        as matmuls over bands of rows in channels-last order, whose working set stays in
+        cache whatever the image size.
+        """
+        (h, w), (height, width) = feat.shape[-2:], size
+        first, _, second, _, last = self.to_image
+        channels = feat.shape[1]
+        w_feat, w_geo = first.weight[:, :channels, 0, 0], first.weight[:, channels:, 0, 0]  # (D, C), (D, 3)
+        code = scale_code((h, w), size)
+        lr_proj = torch.einsum("dc,bchw->bhwd", w_feat, feat) + (first.bias + code * w_geo[:, 2])  # (B, h, w, D)
+        (row0, row1, row_t), (col0, col1, col_t) = _bilinear_taps(h, height, feat), _bilinear_taps(w, width, feat)
+        drow, dcol = (nearest_source(n, m, device=feat.device)[1].to(feat.dtype) for n, m in ((h, height), (w, width)))
+        row_term, col_term = drow[:, None] * w_geo[:, 0], dcol[:, None] * w_geo[:, 1]  # (H, D), (W, D)
+        w2, w3 = second.weight[:, :, 0, 0], last.weight[:, :, 0, 0]
+        out = feat.new_empty(feat.shape[0], height, width, 3)
+        band = max(1, band_pixels // width)
+        for top in range(0, height, band):
+            rows = slice(top, min(top + band, height))
+            a, b = lr_proj[:, row0[rows]], lr_proj[:, row1[rows]]  # (B, band, w, D)
+            x = torch.lerp(a, b, row_t[rows, None, None])
+            x = torch.lerp(x[:, :, col0], x[:, :, col1], col_t[:, None])  # (B, band, W, D)
+            x += row_term[rows, None]
+            x += col_term
+            x = F.linear(x.relu_(), w2, second.bias).relu_()
+            out[:, rows] = F.linear(x, w3, last.bias)
+        return out.permute(0, 3, 1, 2)
 
     def query(self, lr: Tensor, size: tuple[int, int], points: Tensor, feat: Tensor | None = None) -> Tensor:
         """x_con at chosen pixels of the (H, W) grid only: points (B, N, 2) int64 (row, col)
@@ -104,6 +140,15 @@ class LREncoder(nn.Module):
         where = torch.stack([drow, dcol, code], dim=1)[:, :, None]  # (B, 3, 1, N)
         base = resize(lr, size).flatten(2).gather(2, (rows * width + cols)[:, None].expand(-1, 3, -1))
         return base + self.to_image(torch.cat([up, where], dim=1))[:, :, 0]
+
+
+def _bilinear_taps(n_src: int, n_dst: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear interpolation of n_src pixels at n_dst pixel centres as F.interpolate does it
+    (align_corners=False, clamped at the ends): (i0, i1, t), each (n_dst,), so that the
+    value at pixel j is lerp(src[i0[j]], src[i1[j]], t[j]); t in `like`'s dtype."""
+    position = ((torch.arange(n_dst, device=like.device, dtype=torch.float64) + 0.5) * (n_src / n_dst) - 0.5).clamp_(min=0)
+    i0 = position.floor().long().clamp_(max=n_src - 1)
+    return i0, (i0 + 1).clamp_(max=n_src - 1), (position - i0).to(like.dtype)
 
 
 Window = tuple[int, int, int, int]  # (top, left, height, width) of a crop of the target grid

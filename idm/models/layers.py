@@ -119,8 +119,10 @@ class Blur(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        k = torch.tensor([1.0, 2.0, 1.0])
-        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16)[None, None], persistent=False)
+        # Written out, not computed: arithmetic on the meta device (memory estimates build the
+        # model there) goes through torch's Python references and imports torch._dynamo, 1.3 s.
+        kernel = [[[[1 / 16, 2 / 16, 1 / 16], [2 / 16, 4 / 16, 2 / 16], [1 / 16, 2 / 16, 1 / 16]]]]
+        self.register_buffer("kernel", torch.tensor(kernel), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         c = x.shape[1]

@@ -139,12 +139,13 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     return arr
 
 
-def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
-    """Write an (H, W, 3) or (H, W) uint8 array as PNG, atomically."""
+def write_image(path: str | os.PathLike, img: np.ndarray, *, compress_level: int = 6) -> None:
+    """Write an (H, W, 3) or (H, W) uint8 array as PNG, atomically. `compress_level` is zlib's,
+    0-9: PIL's default 6 for the pipeline's files, lower for `idm upscale`'s outputs (faster)."""
     if img.dtype != np.uint8:
         raise TypeError(f"write_image expects uint8, got {img.dtype}")
     with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG")
+        Image.fromarray(img).save(tmp, format="PNG", compress_level=compress_level)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from idm.config import SampleConfig
-from idm.device import resolve_device
+from idm.device import resolve_device, use_threads
 from idm.files import atomic_path
 from idm.inference.upscaler import Bicubic, DiffusionSR, Method
 from pipeline import tracking
@@ -182,6 +182,7 @@ def main() -> None:
     if pairs.empty:
         raise ValueError(f"{args.prepared / 'manifest.csv'}: no test pairs (every dataset has test_fraction 0?)")
     device = str(resolve_device(params.evaluate.device))
+    use_threads(params.sample.threads)
     lpips, fid_ok, unavailable = load_scorers(params.evaluate, device)
     # Exits in reverse order: the report files are renamed into place, then data/sr is swapped.
     with staged_dir(args.sr_out) as sr_dir, ExitStack() as reports:

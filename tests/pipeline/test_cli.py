@@ -167,3 +167,14 @@ def test_without_steps_a_regression_model_gives_its_regression_output(tmp_path, 
     default, zero = (read_image(tmp_path / n / "a_x2.png") for n in ("default", "zero"))
     assert (default == zero).all()
     assert read_image(tmp_path / "diffusion" / "a_x2.png").shape == (24, 20, 3)  # no regression output: it samples
+
+
+def test_threads_flag_sets_and_reports_the_cpu_threads(tmp_path, checkpoint):
+    Image.fromarray(photo(10, 12)).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", "--scale", "2", "--model", checkpoint, "--steps", "1", "--threads", "1",
+            "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert r.stdout.splitlines()[0] == f"CPU: 1 threads, {capability} kernels, float32, channels-last"
+    bad = idm("upscale", tmp_path / "a.png", "--scale", "2", "--model", checkpoint, "--threads", "-1", "--out", tmp_path)
+    assert bad.returncode == 2 and "--threads must be an integer >= 0" in bad.stderr, bad.stderr

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from idm.config import MODEL_PRESETS, ConfigError, ModelConfig, TrainConfig
 from idm.models import IDM
 from idm.models.layers import SelfAttention
+from idm.resize import resize
 
 LEAN = replace(MODEL_PRESETS["lean"], encoder_channels=8, encoder_blocks=1, decoder_hidden=8)
 
@@ -91,6 +92,26 @@ def test_mlp_decoder_crop_and_points_equal_the_whole_grid() -> None:
     queried = model.encoder.query(lr, size, points)
     expected = torch.stack([whole[b][:, points[b, :, 0], points[b, :, 1]] for b in range(2)])
     torch.testing.assert_close(queried, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(61, 50), (13, 11), (40, 127)])
+def test_mlp_decoder_in_bands_equals_the_autograd_path(size: tuple[int, int]) -> None:
+    """Inference decodes x_con band by band with the first layer moved to LR; training's
+    path builds the full-size features. Same numbers, for any band height and scale."""
+    torch.manual_seed(0)
+    model = IDM(LEAN).eval()
+    for p in model.parameters():  # a trained-looking decoder: random biases and geometry weights too
+        p.data.normal_(0, 0.3)
+    lr = torch.rand(2, 3, 13, 11) * 2 - 1
+    with torch.enable_grad():
+        reference = model.encoder(lr, size).detach()
+    with torch.no_grad():
+        assert model.encoder(lr, size).shape == (2, 3, *size)
+        torch.testing.assert_close(model.encoder(lr, size), reference, atol=1e-5, rtol=1e-5)
+        feat = model.encoder.features(lr)
+        for band_pixels in (1, size[1] * 3 + 1, 10**6):  # one row, three rows and a bit, all at once
+            decoded = model.encoder._decode_rows(feat, size, band_pixels)
+            torch.testing.assert_close(decoded, reference - resize(lr, size), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

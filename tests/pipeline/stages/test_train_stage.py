@@ -81,3 +81,24 @@ def test_train_without_training_images(tmp_path, image_folder):
     r = stage("train", "--params", params, "--prepared", tmp_path / "prep", "--out", tmp_path / "models")
     assert_user_error(r, "no training images")
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_train_stage_starts_its_own_ddp_processes(trained, tmp_path):
+    """train.processes: 2 on CPU: the stage relaunches itself under torchrun; rank 0 trains,
+    checkpoints every rank's random state and registers, as under a hand-typed torchrun."""
+    import yaml
+
+    from idm.checkpoint import load_checkpoint
+
+    raw = yaml.safe_load(trained["params"].read_text())
+    raw["train"].update(processes=2, threads=1)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    r = stage("train", "--params", params, "--prepared", trained["prepared"], "--out", tmp_path / "models")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training in 2 DDP processes x 1 thread(s)" in r.stdout
+    ckpt = load_checkpoint(tmp_path / "models" / "checkpoint.pt")
+    assert ckpt["step"] == raw["train"]["steps"] and len(ckpt["rng"]) == 2
+    record = json.loads((tmp_path / "models" / "registered.json").read_text())
+    assert stage_store_client().get_run(record["run_id"]).data.params["train_stage.processes"] == "2"
