@@ -23,6 +23,7 @@ import time
 import torch
 
 from idm.config import MODEL_PRESETS
+from idm.device import cpu_summary
 from idm.models import IDM
 
 
@@ -84,8 +85,8 @@ def main() -> None:
                 "window 8": dataclasses.replace(base, attention_window=8),
                 "window 16": dataclasses.replace(base, attention_window=16),
                 "no attention": dataclasses.replace(base, attention_levels=(), mid_attention=False)}
-    print(f"{args.preset} preset, capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s); "
-          "s per output Mpx per step")
+    print(f"CPU: {cpu_summary()}")
+    print(f"{args.preset} preset, {args.threads} thread(s); s per output Mpx per step")
     print("| attention | " + " | ".join(f"{s}x{s}" for s in args.sizes) + " |")
     print("|---|" + "---|" * len(args.sizes))
     for name, cfg in variants.items():

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from idm.device import cpu_summary
 from idm.resize import to_model_range, to_uint8
 from idm.train import fit
 from pipeline.data.datasets import make_pair
@@ -60,7 +61,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     params = load(ROOT / "recipes" / "pretrain.yaml")
     images = [read_image(p) for p in list_images(SHARED / "SunHays80")]
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s)")
+    print(f"CPU: {cpu_summary()}; {args.threads} thread(s) per candidate")
     for name in args.candidates:
         channels, blocks = CANDIDATES[name]
         model_cfg = dataclasses.replace(params.model, encoder_channels=channels, encoder_blocks=blocks)

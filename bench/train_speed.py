@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from idm.device import cpu_summary
 from pipeline.params import ROOT, load
 
 
@@ -72,8 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.params, args.steps, args.threads)
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cpus; "
-          f"{args.params.name}, {args.steps} steps per layout")
+    print(f"CPU: {cpu_summary()}; {os.cpu_count()} cpus; {args.params.name}, {args.steps} steps per layout")
     rows = [(1, 1), (1, args.cores), (args.cores, 1)]
     base = None
     for procs, threads in rows:

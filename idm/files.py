@@ -7,6 +7,7 @@ success; temporary files of killed writers are removed once a new file is in pla
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import tempfile
@@ -107,3 +108,12 @@ def replace_dir(source: Path, target: Path, *, backup: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
     else:
         backup.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

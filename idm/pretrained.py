@@ -7,25 +7,17 @@ idm/weights/manifest.json records, so a damaged or replaced file is refused befo
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from idm.files import file_sha256
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = WEIGHTS_DIR / "manifest.json"
-NAME = "pretrained"  # what `idm upscale --model` calls it
 
 
 class PretrainedUnavailable(FileNotFoundError):
     """The shipped weights are missing or do not match their recorded checksum."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest() -> dict:
@@ -46,7 +38,7 @@ def weights() -> Path:
     if not path.is_file():
         raise PretrainedUnavailable(f"{path}: the pretrained weights are missing; reinstall the package "
                                     "(pip install --force-reinstall idm-pipeline), or give --model a checkpoint")
-    actual = sha256_of(path)
+    actual = file_sha256(path)
     if actual != record["sha256"]:
         raise PretrainedUnavailable(f"{path}: sha256 {actual} does not match the recorded {record['sha256']} "
                                     "(damaged or replaced file); reinstall the package")

@@ -85,7 +85,7 @@ def estimate_regression_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], s
     decoder's (its LR inputs and the output-sized buffers). The MLP decoder works in bands of
     rows and holds no full-size hidden map (LREncoder._decode_rows); the nearest+conv decoder
     holds the nearest features at full size. Calibrated against peak RSS (bench/README.md,
-    "Regression output").
+    "Inference scaling").
     """
     lr_pixels, hr_pixels = int(lr_size[0]) * int(lr_size[1]), int(size[0]) * int(size[1])
     channels = cfg.encoder_channels
@@ -96,8 +96,10 @@ def estimate_regression_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], s
     return RUNTIME_BYTES + 4 * (_param_count(cfg) + math.ceil(batch * REGRESSION_SLACK * max(encoder, decoder)))
 
 
-def _untiled_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int, lr_size: tuple[int, int] | None,
-                   regression: bool) -> int:
+def untiled_peak_bytes(cfg: ModelConfig, size: tuple[int, int], *, batch: int = 1,
+                       lr_size: tuple[int, int] | None = None, regression: bool = False) -> int:
+    """`estimate_peak_bytes`, or with `regression` (x_con alone, which needs `lr_size`)
+    `estimate_regression_peak_bytes`; ValueError if `regression` comes without `lr_size`."""
     if not regression:
         return estimate_peak_bytes(cfg, size, batch=batch, lr_size=lr_size)
     if lr_size is None:
@@ -109,7 +111,7 @@ def check_memory(cfg: ModelConfig, size: tuple[int, int], *, max_bytes: int, bat
                  lr_size: tuple[int, int] | None = None, regression: bool = False) -> None:
     """Raise ValueError if an untiled run at `size` (from `lr_size`; x_con alone with
     `regression`) is estimated to exceed `max_bytes`."""
-    need = _untiled_bytes(cfg, size, batch=batch, lr_size=lr_size, regression=regression)
+    need = untiled_peak_bytes(cfg, size, batch=batch, lr_size=lr_size, regression=regression)
     if need > max_bytes:
         raise ValueError(f"an untiled {size[0]}x{size[1]} output (batch {batch}) needs an estimated "
                          f"{need / 2**30:.2f} GiB, above the bound of {max_bytes / 2**30:.2f} GiB; "
@@ -131,7 +133,7 @@ def estimate_tiled_peak_bytes(cfg: ModelConfig, lr_size: tuple[int, int], size: 
     tile_size = (largest_input(h, height, tile=tile, overlap=overlap, context=context, align=align),
                  largest_input(w, width, tile=tile, overlap=overlap, context=context, align=align))
     lr_tile = tuple(-(-t * lr // hr) for t, lr, hr in zip(tile_size, (h, w), (height, width)))
-    return (_untiled_bytes(cfg, tile_size, batch=batch, lr_size=lr_tile, regression=regression)
+    return (untiled_peak_bytes(cfg, tile_size, batch=batch, lr_size=lr_tile, regression=regression)
             + 4 * WHOLE_IMAGE_FLOATS[norm] * batch * height * width)
 
 
@@ -139,7 +141,7 @@ def tiled_work(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int]
                context: int = 0) -> int:
     """HR pixels the network computes in a tiled run: the summed areas of every tile's input
     (`input_span`, aligned to the UNet's coarsest grid). With bounded attention a run's time
-    is proportional to it (bench/README.md, "Tile size")."""
+    is proportional to it (bench/README.md, "Tile size: least work")."""
     sums = [sum(r1 - r0 for *_, r0, r1 in plan_inputs(n, big, tile=tile, overlap=overlap, context=context,
                                                       align=cfg.tile_align))
             for n, big in zip(lr_size, size)]
@@ -153,13 +155,12 @@ def choose_tile(cfg: ModelConfig, lr_size: tuple[int, int], size: tuple[int, int
     alone with `regression`) fits in `max_bytes`; None if the whole image fits untiled. Raises
     ValueError if not even a tile of overlap + 1 px fits.
 
-    Fastest is least `tiled_work`: the largest tile that fits can need more work than a smaller
-    one, when the tiles it takes overlap by most of their width (a 395 px side in two 331 px
-    tiles computes 1.7x the side; in two 202 px tiles, 1.1x). The candidates are that largest
-    tile and, for each of the next few tile counts per axis, the smallest tile that covers the
-    axis in that many.
+    Fastest is least `tiled_work`: the largest tile that fits can take more work than a smaller
+    one, when its tiles overlap by most of their width (docs/decisions.md, "Tile size: least
+    work"). The candidates are that largest tile and, for each of the next few tile counts
+    per axis, the smallest tile that covers the axis in that many.
     """
-    if _untiled_bytes(cfg, size, batch=batch, lr_size=lr_size, regression=regression) <= max_bytes:
+    if untiled_peak_bytes(cfg, size, batch=batch, lr_size=lr_size, regression=regression) <= max_bytes:
         return None
     largest = next((tile for tile in range(max(lr_size) - 1, overlap, -1)
                     if estimate_tiled_peak_bytes(cfg, lr_size, size, tile=tile, overlap=overlap, context=context,

@@ -18,11 +18,7 @@ from idm.config import ConfigError, DiffusionConfig, SampleConfig
 from idm.diffusion.sampling import SAMPLER_FUNCTIONS, spaced_timesteps, super_resolve
 from idm.diffusion.schedule import schedule_for
 from idm.diffusion.targets import decoder
-from idm.inference.memory import (
-    choose_tile,
-    estimate_peak_bytes,
-    estimate_regression_peak_bytes,
-)
+from idm.inference.memory import choose_tile, untiled_peak_bytes
 from idm.inference.tiling import tiled_apply, tiled_super_resolve
 from idm.resize import resize_uint8, to_model_range, to_uint8
 
@@ -141,9 +137,8 @@ class DiffusionSR:
     def peak_bytes(self, lr_size: tuple[int, int], size: tuple[int, int]) -> int:
         """Estimated peak memory (bytes) of an (h, w) -> `size` upscale in one piece
         (idm.inference.memory; the regression output's own estimate with `steps` 0)."""
-        if self.sample.steps:
-            return estimate_peak_bytes(self.model.cfg, tuple(size), lr_size=tuple(lr_size))
-        return estimate_regression_peak_bytes(self.model.cfg, tuple(lr_size), tuple(size))
+        return untiled_peak_bytes(self.model.cfg, tuple(size), lr_size=tuple(lr_size),
+                                  regression=not self.sample.steps)
 
     def use_int8(self, path: str | Path) -> DiffusionSR:
         """Swap in the int8 denoiser saved at `path` (idm.inference.quantize); int8 kernels run on CPU only."""

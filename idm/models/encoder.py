@@ -81,10 +81,12 @@ class LREncoder(nn.Module):
             up = F.grid_sample(feat, grid.to(feat.dtype)[None].expand(lr.shape[0], -1, -1, -1),
                                mode="bilinear", padding_mode="border", align_corners=False)
         (h, w), (height, width) = feat.shape[-2:], size
-        drow, dcol = nearest_source(h, height, device=lr.device)[1], nearest_source(w, width, device=lr.device)[1]
-        where = torch.stack([drow[:, None].expand(height, width), dcol[None, :].expand(height, width),
-                             torch.full((height, width), scale_code((h, w), size), device=lr.device)])
-        where = _crop(where.to(feat.dtype)[None], window).expand(lr.shape[0], -1, -1, -1)
+        top, left, rows, cols = window or (0, 0, height, width)
+        drow = nearest_source(h, height, device=lr.device)[1][top : top + rows]
+        dcol = nearest_source(w, width, device=lr.device)[1][left : left + cols]
+        where = torch.stack([drow[:, None].expand(rows, cols), dcol[None, :].expand(rows, cols),
+                             torch.full((rows, cols), scale_code((h, w), size), device=lr.device)])
+        where = where.to(feat.dtype)[None].expand(lr.shape[0], -1, -1, -1)
         return _crop(resize(lr, size), window) + self.to_image(torch.cat([up, where], dim=1))
 
     def _decode_rows(self, feat: Tensor, size: tuple[int, int], band_pixels: int = 1 << 15) -> Tensor:
@@ -131,11 +133,11 @@ class LREncoder(nn.Module):
         (h, w), (height, width) = lr.shape[-2:], size
         feat = self.features(lr) if feat is None else feat
         rows, cols = points[..., 0], points[..., 1]  # (B, N)
-        y, x = (2 * rows + 1) / height - 1, (2 * cols + 1) / width - 1
+        y, x = make_coord_1d(height, device=lr.device)[rows], make_coord_1d(width, device=lr.device)[cols]
         grid = torch.stack([x, y], dim=-1)[:, None].to(feat.dtype)  # (B, 1, N, 2)
         up = F.grid_sample(feat, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        drow = ((y + 1) / 2 * h - ((y + 1) / 2 * h).floor().clamp(0, h - 1) - 0.5).to(feat.dtype)
-        dcol = ((x + 1) / 2 * w - ((x + 1) / 2 * w).floor().clamp(0, w - 1) - 0.5).to(feat.dtype)
+        drow = nearest_source(h, height, device=lr.device)[1][rows].to(feat.dtype)
+        dcol = nearest_source(w, width, device=lr.device)[1][cols].to(feat.dtype)
         code = torch.full_like(drow, scale_code((h, w), size))
         where = torch.stack([drow, dcol, code], dim=1)[:, :, None]  # (B, 3, 1, N)
         base = resize(lr, size).flatten(2).gather(2, (rows * width + cols)[:, None].expand(-1, 3, -1))

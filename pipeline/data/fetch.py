@@ -29,6 +29,7 @@ from typing import BinaryIO
 from PIL import Image
 from tqdm import tqdm
 
+from idm.files import file_sha256
 from pipeline.data.archives import (
     DamagedFile,
     FetchError,
@@ -136,15 +137,6 @@ def _normalise_sha256(sha256: str | None) -> str | None:
     if not _SHA256.fullmatch(value):
         raise FetchError(f"sha256 {sha256!r} is not 64 hex digits; fix or remove it")
     return value
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------ download

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from idm.checkpoint import load_checkpoint
-from idm.files import atomic_path
-from idm.pretrained import MANIFEST, WEIGHTS_DIR, sha256_of
+from idm.files import atomic_path, file_sha256
+from idm.pretrained import MANIFEST, WEIGHTS_DIR
 from pipeline.stages import run
 
 FILE_NAME = "idm-lean.pt"
@@ -30,7 +30,7 @@ def export(model: Path, dest_dir: Path = WEIGHTS_DIR) -> dict:
     dest = dest_dir / FILE_NAME
     with atomic_path(dest) as tmp:
         shutil.copyfile(model, tmp)
-    record = {"file": FILE_NAME, "sha256": sha256_of(dest), "bytes": dest.stat().st_size,
+    record = {"file": FILE_NAME, "sha256": file_sha256(dest), "bytes": dest.stat().st_size,
               "steps": int(ckpt["step"]), "preset": "lean", "recipe": "recipes/pretrain.yaml"}
     with atomic_path(dest_dir / MANIFEST.name) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")

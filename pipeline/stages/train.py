@@ -147,15 +147,15 @@ def main() -> None:
     params = load(args.params)
     if params.train_stage.threads:
         torch.set_num_threads(params.train_stage.threads)
-    images = read_training_images(args.prepared)
-    inputs = inputs_digest(images)
+    images = read_training_images(args.prepared)  # here too when launching: bad data fails before any process starts
     device = resolve_device(params.train_stage.device)
     if params.train_stage.processes > 1 and device.type == "cpu" and "WORLD_SIZE" not in os.environ:
         from pipeline.tracking import setup
 
-        setup()  # an unavailable store is one error line here, before any process starts
-        del images
+        setup()  # likewise an unavailable store: one error line
+        del images  # the processes read their own
         sys.exit(launch_processes(params.train_stage.processes, params.train_stage.threads or 1))
+    inputs = inputs_digest(images)
     info = setup_distributed(device)
     try:
         ckpt_path = args.out / "checkpoint.pt"
@@ -184,8 +184,8 @@ def main() -> None:
 
 def launch_processes(processes: int, threads: int) -> int:
     """Run this stage again as `processes` DDP processes of `threads` threads each (torchrun,
-    standalone, on this machine) and return their exit code. On 2 CPU cores two processes of
-    one thread train 1.8x faster than one process (bench/README.md, "Training layout").
+    standalone, on this machine) and return their exit code: on 2 CPU cores the fastest
+    layout (bench/README.md, "Training layout").
 
     Ctrl-C or SIGTERM here is passed on as SIGTERM, which the processes turn into a clean
     stop at their last checkpoint (pipeline.stages.run).

@@ -11,6 +11,7 @@ import torch
 import idm.pretrained
 from idm.checkpoint import make_checkpoint, save_checkpoint
 from idm.config import DiffusionConfig, ModelConfig, TrainConfig
+from idm.files import file_sha256
 from idm.inference.upscaler import DiffusionSR
 from idm.models import IDM
 from pipeline.stages.export_pretrained import FILE_NAME, export
@@ -42,7 +43,7 @@ def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_export_records_the_checksum_and_the_weights_load(shipped: Path) -> None:
     record = json.loads((shipped / "manifest.json").read_text())
     assert record["file"] == FILE_NAME and record["steps"] == 7
-    assert record["sha256"] == idm.pretrained.sha256_of(shipped / FILE_NAME)
+    assert record["sha256"] == file_sha256(shipped / FILE_NAME)
     method = DiffusionSR.from_checkpoint(idm.pretrained.weights(), device="cpu")
     assert method.regression and method(photo(8, 8), (16, 16)).shape == (16, 16, 3)
 
