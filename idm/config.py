@@ -239,6 +239,16 @@ class TrainConfig:
                "0 with target 'residual' (its base needs the whole LR patch)", self.unet_patch)
 
 
+# Named sampler settings, chosen from the perception-distortion study (bench/README.md,
+# "Perception-distortion"): fidelity = the regression output (best PSNR/SSIM); balanced = the
+# deterministic setting with the lowest NIQE at x4 and x8; perceptual = the lowest NIQE at both.
+SAMPLE_PRESETS: dict[str, dict[str, Any]] = {
+    "fidelity": {"steps": 0},
+    "balanced": {"sampler": "ddim", "steps": 2, "temperature": 0.0},
+    "perceptual": {"sampler": "ddim", "steps": 1, "temperature": 1.0},
+}
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """How a trained IDM samples an output: the sampler, its steps and noise, and tiling.

@@ -19,7 +19,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from idm.config import SAMPLERS, SPACINGS, TILE_NORMS, ConfigError, SampleConfig
+from idm.config import (
+    SAMPLE_PRESETS,
+    SAMPLERS,
+    SPACINGS,
+    TILE_NORMS,
+    ConfigError,
+    SampleConfig,
+)
 from idm.resize import check_scale, target_size
 from pipeline.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -31,7 +38,7 @@ from pipeline.data.images import (
 
 DEFAULT_MODEL = "pretrained"  # idm.pretrained: shipped in the package
 
-SAMPLE = SampleConfig()  # sampling defaults, the same as params.yaml's
+SAMPLE = SampleConfig()  # sampling defaults under the flags and --preset
 # zlib level of the output PNGs: 3x faster to write than PIL's default 6, files 8% larger (bench/README.md).
 PNG_LEVEL = 3
 
@@ -112,12 +119,11 @@ def resolve_device_flag(args: argparse.Namespace) -> str:
 def sample_config(args: argparse.Namespace) -> SampleConfig:
     """The sampling settings the flags ask for, checked by SampleConfig (as params.yaml's are);
     an error names the flag."""
+    chosen = {**SAMPLE_PRESETS.get(args.preset, {}),
+              **{k: getattr(args, k) for k in ("sampler", "steps", "temperature") if getattr(args, k) is not None}}
     try:
-        steps = SAMPLE.steps if args.steps is None else args.steps
-        return SampleConfig(sampler=args.sampler, steps=steps, spacing=args.spacing, eta=args.eta,
-                            seed=args.seed, temperature=args.temperature, max_memory_gb=args.max_memory_gb,
-                            tile_overlap=SAMPLE.tile_overlap, tile_context=SAMPLE.tile_context,
-                            tile_norm=args.tile_norm, threads=args.threads)
+        return dataclasses.replace(SAMPLE, **chosen, spacing=args.spacing, eta=args.eta, seed=args.seed,
+                                   max_memory_gb=args.max_memory_gb, tile_norm=args.tile_norm, threads=args.threads)
     except ConfigError as err:
         raise flag_error(err) from None
 
@@ -153,7 +159,7 @@ def upscale(args: argparse.Namespace) -> None:
         method = load_method(args, sample, device)
     except ConfigError as err:  # settings that depend on the model: --steps above its T
         raise flag_error(err) from None
-    if args.steps is None and method.regression:  # the default: the regression output
+    if args.steps is None and args.preset is None and method.regression:  # the default: the regression output
         method.sample = dataclasses.replace(method.sample, steps=0)
     if method.device.type == "cpu":  # say what runs: threads, the kernels torch picked for this CPU, precision
         import torch
@@ -208,11 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--steps", type=int, default=None,
                     help="denoising steps of a diffusion sample; 0: the regression output, no diffusion (default: "
                          f"0 for a model that has a regression output, like the shipped one, else {SAMPLE.steps})")
-    up.add_argument("--sampler", default=SAMPLE.sampler, choices=sorted(SAMPLERS))
+    up.add_argument("--preset", choices=list(SAMPLE_PRESETS),
+                    help="named sampler settings (bench/README.md, 'Perception-distortion'): fidelity = the regression "
+                         "output; balanced; perceptual = most natural-looking (lowest NIQE) within 1 dB of it. "
+                         "--steps, --sampler and --temperature override it")
+    up.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help=f"(default {SAMPLE.sampler})")
     up.add_argument("--spacing", default=SAMPLE.spacing, choices=list(SPACINGS),
                     help=f"how the steps spread over the noise schedule (default {SAMPLE.spacing})")
     up.add_argument("--eta", type=float, default=SAMPLE.eta)
-    up.add_argument("--temperature", type=float, default=SAMPLE.temperature,
+    up.add_argument("--temperature", type=float, default=None,
                     help=f"scale of the initial noise, 0-1: lower favours PSNR over detail (default {SAMPLE.temperature})")
     up.add_argument("--seed", type=int, default=SAMPLE.seed)
     up.add_argument("--int8", action="store_true", help="int8-quantized denoiser (CPU)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -20,6 +21,7 @@ import yaml
 from idm.config import (
     DEVICES,
     MODEL_PRESETS,
+    SAMPLE_PRESETS,
     ConfigError,
     DiffusionConfig,
     ModelConfig,
@@ -108,13 +110,31 @@ class EvaluateParams:
 
     methods: tuple[str, ...] = ("bicubic",)
     device: str = "auto"
+    niqe: bool = True
     lpips: bool = True
-    fid: bool = True
+    fid: bool = True  # FID and KID
+    fid_patch: int = 64  # side of the patches FID/KID compare
+    fid_min_patches: int = 2048  # fewer: FID unavailable (its covariance is singular)
+    kid_min_patches: int = 100
+    offline: bool = False  # true: never download metric weights (also IDM_OFFLINE=1)
+    lpips_url: str = ""  # '' = the upstream file; a mirror or your own file, with its sha256
+    lpips_sha256: str = ""
+    fid_url: str = ""
+    fid_sha256: str = ""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
         _check(self.methods and not unknown, "evaluate.methods", f"a non-empty list from {list(METHODS)}, got {list(self.methods)}")
         _check(self.device in DEVICES, "evaluate.device", f"one of {list(DEVICES)}, got {self.device!r}")
+        _check(self.fid_patch >= 16, "evaluate.fid_patch", f"an integer >= 16, got {self.fid_patch}")
+        for key in ("fid_min_patches", "kid_min_patches"):
+            _check(getattr(self, key) >= 2, f"evaluate.{key}", f"an integer >= 2, got {getattr(self, key)}")
+        for key in ("lpips", "fid"):
+            url, sha = getattr(self, f"{key}_url"), getattr(self, f"{key}_sha256")
+            _check(bool(url) == bool(sha), f"evaluate.{key}_url and {key}_sha256",
+                   f"given together (a file of your own needs its hash), got url {url!r}, sha256 {sha!r}")
+            _check(not sha or re.fullmatch(r"[0-9a-fA-F]{8,64}", sha) is not None, f"evaluate.{key}_sha256",
+                   f"8 to 64 hex digits of the file's sha256, got {sha!r}")
 
 
 @dataclass(frozen=True)
@@ -275,6 +295,19 @@ def build_model(data: Any) -> ModelConfig:
     return build(ModelConfig, {**base, **data}, "model")
 
 
+def build_sample(data: Any) -> SampleConfig:
+    """The `sample` section: an optional named preset (idm.config.SAMPLE_PRESETS) plus any
+    SampleConfig field, which overrides the preset's."""
+    data = dict(data or {})
+    preset = data.pop("preset", None)
+    if preset is not None and preset not in SAMPLE_PRESETS:
+        raise ParamsError(f"params.yaml: sample.preset must be one of {sorted(SAMPLE_PRESETS)}, got {preset!r}")
+    try:
+        return build(SampleConfig, {**SAMPLE_PRESETS.get(preset, {}), **data}, "sample")
+    except ParamsError as err:
+        raise ParamsError(str(err).replace("allowed keys: [", "allowed keys: ['preset', ", 1)) from None
+
+
 def build_train(data: Any) -> tuple[TrainConfig, TrainStageParams]:
     """The `train` section: TrainConfig fields plus where to run (device, threads, processes)."""
     data = dict(data or {})
@@ -306,7 +339,7 @@ def parse(raw: Any) -> Params:
         diffusion=build(DiffusionConfig, raw.get("diffusion"), "diffusion"),
         train=train,
         train_stage=train_stage,
-        sample=build(SampleConfig, raw.get("sample"), "sample"),
+        sample=build_sample(raw.get("sample")),
         evaluate=build(EvaluateParams, raw.get("evaluate"), "evaluate"),
         report=build(ReportParams, raw.get("report"), "report"),
         promotion=build(PromotionParams, raw.get("promotion"), "promotion"),

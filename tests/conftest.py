@@ -13,6 +13,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# No test downloads metric weights from the internet; the tests of that code unset this.
+os.environ["IDM_OFFLINE"] = "1"
 
 
 @pytest.fixture(autouse=True, scope="session")

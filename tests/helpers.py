@@ -64,3 +64,32 @@ def stage_store_client():
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def fabricated_weights(name: str) -> bytes:
+    """A torch.save'd state dict with the keys and shapes of the LPIPS ('lpips': torchvision
+    AlexNet) or FID ('fid': torch-fidelity Inception-v3) backbone, a few KB: every tensor is a
+    stride-0 view of one seeded random value per output channel, over the
+    fan-in so that activations stay finite through Inception's 90-odd layers."""
+    import io
+
+    import torch
+
+    if name == "lpips":
+        import torchvision
+
+        state = torchvision.models.alexnet(weights=None).state_dict()
+    else:
+        from unittest import mock
+
+        from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+        with mock.patch.object(fidelity, "load_state_dict_from_url", lambda *a, **k: {}), \
+                mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, s: None):
+            state = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    gen = torch.Generator().manual_seed(0)
+    small = {k: ((torch.rand(v.shape[0], generator=gen) + 0.5) / max(1, v[0].numel()))
+             .view(-1, *[1] * (v.dim() - 1)).expand(v.shape) if v.dim() else v.clone() for k, v in state.items()}
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    return buf.getvalue()

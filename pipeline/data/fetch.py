@@ -17,6 +17,7 @@ import ipaddress
 import os
 import re
 import shutil
+import socket
 import tarfile
 import time
 import urllib.error
@@ -173,7 +174,12 @@ def _attempt(url: str, out: BinaryIO, label: str, *, timeout: float, progress: b
         if err.code >= 500 or err.code in _RETRYABLE_4XX:
             raise _Transient(f"HTTP {err.code} {err.reason}") from err
         raise FetchError(f"cannot download {redact_url(url)} (HTTP {err.code} {err.reason}); check the URL, or {by_hand}") from err
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, socket.gaierror):  # no DNS answer: offline, or a typo; retrying won't help
+            raise FetchError(f"cannot download {redact_url(url)} (cannot resolve its host: {one_line(err.reason)}); "
+                             f"{by_hand}") from err
+        raise _Transient(one_line(err)) from err
+    except (http.client.HTTPException, OSError) as err:
         raise _Transient(one_line(err)) from err
     # http.client returns a short body without complaint when the server hangs up early.
     if total is not None and received < total:
@@ -191,11 +197,14 @@ def download(
     timeout: float = 60.0,
     progress: bool = True,
     by_hand: str | None = None,
+    hash_prefix: str | None = None,
 ) -> Path:
     """Download `url` to `dest` atomically and return `dest`.
 
     The body is streamed to a hidden temporary file beside `dest`, checked against
-    `sha256` (hex, when given) and renamed onto `dest`, so `dest` is never partial.
+    `sha256` (64 hex digits, when given) or `hash_prefix` (the first 8 or more hex digits of
+    its sha256, torch.hub's convention for checkpoints named `<name>-<prefix>.pth`) and
+    renamed onto `dest`, so `dest` is never partial.
     Connection errors, timeouts (`timeout` seconds per socket operation), HTTP 5xx/408/429
     and truncated bodies are retried `retries` more times, waiting `backoff * 2**k` s;
     other 4xx errors and checksum mismatches fail at once. `by_hand` is the advice the
@@ -203,6 +212,9 @@ def download(
     """
     check_url(url)
     expected = _normalise_sha256(sha256)
+    prefix = (hash_prefix or "").strip().lower()
+    if hash_prefix is not None and not re.fullmatch(r"[0-9a-f]{8,64}", prefix):
+        raise FetchError(f"hash prefix {hash_prefix!r} is not 8 to 64 hex digits; fix or remove it")
     if retries < 0 or backoff < 0 or timeout <= 0:
         raise FetchError(f"need retries >= 0, backoff >= 0, timeout > 0; got {retries}, {backoff}, {timeout}")
     dest = Path(dest)
@@ -221,6 +233,11 @@ def download(
             raise FetchError(
                 f"checksum mismatch for {redact_url(url)}: expected sha256 {expected}, got {actual}; "
                 "the file is corrupt or changed upstream, fix the URL or the sha256"
+            )
+        if prefix and not actual.startswith(prefix):
+            raise FetchError(
+                f"checksum mismatch for {redact_url(url)}: expected a sha256 starting {prefix}, got {actual}; "
+                "the file is corrupt or changed upstream, fix the URL or the hash"
             )
         os.replace(tmp, dest)
     finally:

@@ -2,8 +2,9 @@
 
 Metric conventions (BasicSR/SwinIR): images in [0, 255]; PSNR/SSIM on the Y channel
 (BT.601) and on RGB after cropping ceil(scale) border pixels; LR-consistency is the
-MSE of the resized-down output against the LR input; LPIPS (AlexNet) per image; FID
-per dataset x scale over the whole set. Names follow `<metric>.<dataset>.x<scale>`.
+MSE of the resized-down output against the LR input; LPIPS (AlexNet) and NIQE (no
+reference) per image; FID and KID per dataset x scale over patches of the whole set.
+Names follow `<metric>.<dataset>.x<scale>`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from pipeline.data.datasets import scale_tag
 from pipeline.data.images import read_image, write_image
 from pipeline.evaluation import metrics
 from pipeline.evaluation.names import PER_IMAGE_METRICS, metric_name
+from pipeline.evaluation.niqe import PristineModel
 
 
-def score_image(sr: np.ndarray, hr: np.ndarray, lr: np.ndarray, scale: float, lpips: metrics.LPIPS | None) -> dict[str, float]:
-    """All per-image metrics of one (H, W, 3) uint8 SR image against its HR and LR."""
+def score_image(sr: np.ndarray, hr: np.ndarray, lr: np.ndarray, scale: float, lpips: metrics.LPIPS | None,
+                niqe: PristineModel | None = None) -> dict[str, float]:
+    """All per-image metrics of one (H, W, 3) uint8 SR image against its HR and LR
+    (NIQE is NaN for an image too small for it, under two 96x96 blocks)."""
     border = metrics.border_for(scale)
     scores = {
         "psnr_y": metrics.psnr(sr, hr, border=border, y_channel=True),
@@ -34,6 +38,11 @@ def score_image(sr: np.ndarray, hr: np.ndarray, lr: np.ndarray, scale: float, lp
     }
     if lpips is not None:
         scores["lpips"] = lpips(sr, hr)
+    if niqe is not None:
+        try:
+            scores["niqe"] = niqe(sr)
+        except ValueError:
+            scores["niqe"] = float("nan")
     return scores
 
 
@@ -44,6 +53,7 @@ def run_method(
     *,
     out_dir: Path | None = None,
     lpips: metrics.LPIPS | None = None,
+    niqe: PristineModel | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Apply `method` to every test pair (manifest rows; paths relative to `root`).
@@ -64,7 +74,7 @@ def run_method(
         rows.append(dict(
             method=method.name, dataset=pair.dataset, image=pair.image, scale=pair.scale,
             in_distribution=bool(pair.in_distribution), hr=pair.hr, sr=sr_rel,
-            **score_image(sr, hr, lr, pair.scale, lpips),
+            **score_image(sr, hr, lr, pair.scale, lpips, niqe),
         ))
     return pd.DataFrame(rows)
 
@@ -78,17 +88,21 @@ def summarize(per_image: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def fid_by_group(
-    per_image: pd.DataFrame, pairs_root: Path, sr_root: Path, make_fid: Callable[[], metrics.FID]
-) -> tuple[dict[tuple[str, str, float], float], dict[str, str]]:
-    """FID of SR vs HR images per (method, dataset, scale); groups that cannot be scored are explained."""
+def inception_by_group(
+    per_image: pd.DataFrame, pairs_root: Path, sr_root: Path, make: Callable[[], metrics.InceptionDistances],
+    *, fid_min: int, kid_min: int,
+) -> tuple[dict[tuple[str, str, float], dict[str, float]], dict[str, str]]:
+    """FID, KID and the patch count ('fid_patches') of SR vs HR patches per (method, dataset, scale);
+    what cannot be scored (too few patches) is explained under its metric name instead."""
     values, unavailable = {}, {}
     for (method, dataset, scale), group in per_image.groupby(["method", "dataset", "scale"]):
-        fid = make_fid()
+        scorer = make()
         for row in group.itertuples(index=False):
-            fid.update(read_image(sr_root / row.sr), read_image(pairs_root / row.hr))
-        try:
-            values[(method, dataset, scale)] = fid.compute()
-        except metrics.MetricUnavailable as err:
-            unavailable[metric_name("fid", dataset, scale)] = str(err)
+            scorer.update(read_image(sr_root / row.sr), read_image(pairs_root / row.hr))
+        scores = values[(method, dataset, scale)] = {"fid_patches": float(scorer.count)}
+        for name, compute in (("fid", lambda: scorer.fid(fid_min)), ("kid", lambda: scorer.kid(kid_min))):
+            try:
+                scores[name] = compute()
+            except metrics.MetricUnavailable as err:
+                unavailable[metric_name(name, dataset, scale)] = str(err)
     return values, unavailable

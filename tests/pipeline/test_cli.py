@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from idm.checkpoint import make_checkpoint, save_checkpoint
-from idm.config import DiffusionConfig, ModelConfig, TrainConfig
+from idm.config import DiffusionConfig, ModelConfig, SampleConfig, TrainConfig
 from idm.models import IDM
 from pipeline.data.images import read_image
 from tests.helpers import TINY, photo
@@ -178,3 +178,18 @@ def test_threads_flag_sets_and_reports_the_cpu_threads(tmp_path, checkpoint):
     assert r.stdout.splitlines()[0] == f"CPU: 1 threads, {capability} kernels, float32, channels-last"
     bad = idm("upscale", tmp_path / "a.png", "--scale", "2", "--model", checkpoint, "--threads", "-1", "--out", tmp_path)
     assert bad.returncode == 2 and "--threads must be an integer >= 0" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--preset", "perceptual"], (1, 1.0)),
+    (["--preset", "perceptual", "--steps", "3"], (3, 1.0)),
+    (["--preset", "balanced", "--temperature", "0.5"], (2, 0.5)),
+    (["--preset", "fidelity"], (0, SampleConfig().temperature)),
+    (["--steps", "4"], (4, SampleConfig().temperature)),
+])
+def test_preset_then_flags(argv, expected):
+    from pipeline.cli import build_parser, sample_config
+
+    args = build_parser().parse_args(["upscale", "x.png", "--scale", "2", "--out", "o", *argv])
+    sample = sample_config(args)
+    assert (sample.steps, sample.temperature) == expected

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
-from tests.helpers import TINY
+from tests.helpers import TINY, fabricated_weights
+from tests.pipeline.data.test_fetch import send, server  # noqa: F401 (server is a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 # The layers whose code computes a stage's outputs; the plumbing around them (params,
@@ -114,13 +119,36 @@ def project(tmp_path: Path, image_folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_every_stage_then_is_up_to_date(project):
+def test_dvc_repro_runs_every_stage_then_is_up_to_date(project, server, tmp_path, monkeypatch):  # noqa: F811
+    # LPIPS and FID/KID weights come from a local server on first use (fabricated files, a few KB).
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for key in ("lpips", "fid"):
+        data = fabricated_weights(key)
+        server.routes[f"/{key}.pth"] = send(data)
+        params["evaluate"].update({key: True, f"{key}_url": server.url(f"/{key}.pth"),
+                                   f"{key}_sha256": hashlib.sha256(data).hexdigest()})
+    params["evaluate"].update(fid_patch=32, fid_min_patches=3, kid_min_patches=3)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("IDM_OFFLINE")
+
     first = dvc(project, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
     for stage in ("download", "prepare", "train", "quantize", "evaluate", "report"):
         assert f"Running stage '{stage}'" in first.stdout
     numbers = json.loads((project / "reports" / "metrics.json").read_text())
     assert set(numbers["idm"]) == set(numbers["bicubic"]) == set(numbers["idm-int8"])
+    assert sorted(p.name for p in (tmp_path / "torch" / "hub" / "checkpoints").iterdir()) == [
+        "alexnet-owt-7be5be79.pth", "weights-inception-2015-12-05-6726825d.pth"]
+    assert server.hits == {"/lpips.pth": 1, "/fid.pth": 1}
+    for metric in ("lpips", "fid", "kid"):
+        assert all(math.isfinite(numbers[m][f"{metric}.tiny.x2"]) for m in ("bicubic", "idm", "idm-int8")), metric
+    assert numbers["bicubic"]["lpips.tiny.x2"] < numbers["bicubic"]["lpips.tiny.x4"]
+    manifest = pd.read_csv(project / "data" / "prepared" / "manifest.csv")
+    hr_x2 = manifest[(manifest.split == "test") & (manifest.scale == 2)].hr
+    shapes = [Image.open(project / "data" / "prepared" / path).size for path in hr_x2]
+    assert numbers["idm"]["fid_patches.tiny.x2"] == sum((w // 32) * (h // 32) for w, h in shapes) >= 3
+    assert "NIQE's minimum" in numbers["unavailable"]["niqe.tiny.x2"]  # the test images are under 96 px
     report = json.loads((project / "models" / "idm-int8" / "report.json").read_text())
     assert report["int8_bytes"] < report["fp32_bytes"]
     assert (project / "models" / "idm" / "registered.json").exists()

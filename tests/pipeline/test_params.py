@@ -34,6 +34,30 @@ def test_model_preset_with_overrides():
     assert parse().model == MODEL_PRESETS["tiny"]
 
 
+def test_sample_preset_with_overrides():
+    from idm.config import SAMPLE_PRESETS
+
+    assert P.load().sample.steps == SAMPLE_PRESETS["balanced"]["steps"]  # params.yaml's default preset
+    p = parse(sample={"preset": "perceptual", "seed": 3})
+    assert (p.sample.steps, p.sample.temperature, p.sample.seed) == (1, 1.0, 3)
+    assert parse(sample={"preset": "perceptual", "steps": 4}).sample.steps == 4  # a key overrides the preset
+    assert parse(sample={"preset": "fidelity"}).sample.steps == 0
+    with pytest.raises(P.ParamsError, match="sample.preset must be one of"):
+        parse(sample={"preset": "sharp"})
+    with pytest.raises(P.ParamsError, match=r"unknown key sample.stepz; allowed keys: \['preset', "):
+        parse(sample={"stepz": 1})
+
+
+def test_metric_weights_params():
+    assert parse(evaluate={"fid_url": "https://mirror/x.pth", "fid_sha256": "abcdef12"}).evaluate.fid_url
+    with pytest.raises(P.ParamsError, match="given together"):
+        parse(evaluate={"fid_url": "https://mirror/x.pth"})
+    with pytest.raises(P.ParamsError, match="8 to 64 hex digits"):
+        parse(evaluate={"lpips_url": "https://mirror/a.pth", "lpips_sha256": "xyz"})
+    with pytest.raises(P.ParamsError, match="fid_min_patches must be an integer >= 2"):
+        parse(evaluate={"fid_min_patches": 1})
+
+
 def test_values_are_converted_and_frozen():
     p = parse(prepare={"scales": [2, 2.5], "ood_scales": [8]})
     assert p.prepare.scales == (2.0, 2.5) and isinstance(p.prepare.scales[0], float)

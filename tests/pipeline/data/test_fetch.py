@@ -264,6 +264,20 @@ def test_download_unreachable_host_says_where_to_put_the_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_download_does_not_retry_a_host_that_does_not_resolve(tmp_path, monkeypatch):
+    calls = []
+
+    def no_dns(*args, **kwargs):
+        calls.append(args[0])
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(FetchError, match="cannot resolve its host") as err:
+        download("https://weights.invalid/a.pth", tmp_path / "a.pth", **FAST)
+    assert calls == ["weights.invalid"] and str(tmp_path / "a.pth") in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_download_keeps_old_dest_on_failure_and_replaces_it_on_success(server, tmp_path):
     dest = tmp_path / "a.png"
     dest.write_bytes(b"old")

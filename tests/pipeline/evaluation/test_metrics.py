@@ -22,7 +22,7 @@ from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from idm.resize import resize_uint8
-from pipeline.evaluation import metrics
+from pipeline.evaluation import metrics, weights
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -66,7 +66,7 @@ def reference_arrays(sr: np.ndarray, hr: np.ndarray, border: int,
 
 
 PAIRS = [random_pair, structured_pair]
-METRIC_FILES = [(metrics.LPIPS, ALEXNET_FILE), (metrics.FID, INCEPTION_FILE)]
+METRIC_FILES = [(metrics.LPIPS, ALEXNET_FILE), (metrics.InceptionDistances, INCEPTION_FILE)]
 
 
 # ---------------------------------------------------------------- PSNR / SSIM
@@ -219,15 +219,15 @@ def fake_alexnet_state() -> dict[str, torch.Tensor]:
 
 
 def test_weight_paths_follow_torch_home(checkpoints: Path) -> None:
-    assert metrics.lpips_weights_path() == checkpoints / ALEXNET_FILE
-    assert metrics.fid_weights_path() == checkpoints / INCEPTION_FILE
+    assert weights.path_of("lpips") == checkpoints / ALEXNET_FILE
+    assert weights.path_of("fid") == checkpoints / INCEPTION_FILE
 
 
 @pytest.mark.parametrize("metric_cls, file_name", METRIC_FILES)
 def test_missing_weights_are_unavailable(checkpoints: Path, no_network: None, metric_cls,
                                          file_name: str) -> None:
     with pytest.raises(metrics.MetricUnavailable) as info:
-        metric_cls()
+        metric_cls(checkpoints / file_name)
     assert str(checkpoints / file_name) in str(info.value)
 
 
@@ -242,7 +242,7 @@ def test_bad_weights_are_unavailable(checkpoints: Path, no_network: None, metric
     else:
         torch.save({"features.0.weight": torch.zeros(3)}, path)
     with pytest.raises(metrics.MetricUnavailable) as info:
-        metric_cls()
+        metric_cls(path)
     assert str(path) in str(info.value)
 
 
@@ -251,7 +251,7 @@ def test_lpips_uses_the_weights_file(checkpoints: Path, no_network: None) -> Non
     checkpoints.mkdir(parents=True)
     torch.save(fake, checkpoints / ALEXNET_FILE)
     torch.manual_seed(123)  # a random init would now differ from `fake`
-    metric = metrics.LPIPS()
+    metric = metrics.LPIPS(checkpoints / ALEXNET_FILE)
 
     x, y = random_pair(seed=5, shape=(64, 64, 3))
     assert metric(x, x) == 0.0
@@ -266,32 +266,40 @@ def test_lpips_uses_the_weights_file(checkpoints: Path, no_network: None) -> Non
     assert torch.equal(metric._net.lin0.model[1].weight, heads["lin0.model.1.weight"])
 
 
-def test_fid_uses_the_weights_file(checkpoints: Path, no_network: None, fake_inception_state) -> None:
+def test_fid_and_kid_use_the_weights_file_on_patches(checkpoints: Path, no_network: None, fake_inception_state) -> None:
     checkpoints.mkdir(parents=True)
     torch.save(fake_inception_state, checkpoints / INCEPTION_FILE)
     rng = np.random.default_rng(6)
-    # Two pairs per set, the fewest FID accepts: each image costs an Inception pass at 299x299.
-    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
-    others = [structured_pair(seed, shape=(32, 32, 3))[1] for seed in range(2)]
+    # 40x33 px in patches of 16: 2 x 2 patches per image (the remainder is dropped), 8 per set.
+    images = [rng.integers(0, 256, (40, 33, 3), dtype=np.uint8) for _ in range(2)]
+    others = [structured_pair(seed, shape=(40, 33, 3))[1] for seed in range(2)]
 
-    same, different = metrics.FID(), metrics.FID()
-    loaded = same._metric.inception.state_dict()
+    same = metrics.InceptionDistances(checkpoints / INCEPTION_FILE, patch=16)
+    different = metrics.InceptionDistances(checkpoints / INCEPTION_FILE, patch=16)
+    loaded = same._net.state_dict()
     assert all(torch.equal(loaded[key], value) for key, value in fake_inception_state.items())
     for img, other in zip(images, others):
         same.update(img, img)
         different.update(other, img)
-    distance = different.compute()  # each compute is an eigendecomposition of a 2048x2048 matrix
+    assert same.count == different.count == 8
+    distance = different.fid(min_patches=8)  # each FID is an eigendecomposition of a 2048x2048 matrix
     assert 0 < distance < math.inf
-    assert same.compute() == pytest.approx(0.0, abs=1e-3 * distance)
+    assert same.fid(min_patches=8) == pytest.approx(0.0, abs=1e-3 * distance)
+    # With subsets as large as the sets, KID is the unbiased MMD^2 of all patches, cubic kernel (x.y/d + 1)^3.
+    real, fake = (torch.cat(f).double() for f in (different._real, different._fake))
+    k = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
+    m = len(real)
+    off_diagonal = lambda a: (k(a, a).sum() - k(a, a).diagonal().sum()) / (m * (m - 1))  # noqa: E731
+    expected = float(off_diagonal(real) + off_diagonal(fake) - 2 * k(real, fake).mean())
+    assert different.kid(min_patches=8) == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(metrics.MetricUnavailable, match="FID needs at least 9 patches of 16x16 px, got 8"):
+        different.fid(min_patches=9)
+    with pytest.raises(metrics.MetricUnavailable, match="KID needs at least 100 patches"):
+        different.kid(min_patches=100)
 
 
-def test_fid_needs_two_images(checkpoints: Path, no_network: None, fake_inception_state) -> None:
-    checkpoints.mkdir(parents=True)
-    torch.save(fake_inception_state, checkpoints / INCEPTION_FILE)
-    fid = metrics.FID()
-    with pytest.raises(metrics.MetricUnavailable, match="at least 2 images, got 0"):
-        fid.compute()
-    img = np.zeros((32, 32, 3), dtype=np.uint8)
-    fid.update(img, img)
-    with pytest.raises(metrics.MetricUnavailable, match="at least 2 images, got 1"):
-        fid.compute()
+def test_patches_are_the_non_overlapping_squares_from_the_top_left() -> None:
+    img = torch.arange(2 * 5 * 7).reshape(1, 2, 5, 7)
+    patches = metrics._patches(img, 3)
+    assert patches.shape == (2, 2, 3, 3)  # rows 0-2 x cols 0-2 and 3-5; row 3-4 and col 6 dropped
+    assert torch.equal(patches[1], img[0, :, 0:3, 3:6])

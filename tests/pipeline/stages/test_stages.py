@@ -76,8 +76,10 @@ def test_stages_end_to_end(work):
     assert r.returncode == 0, r.stderr
     numbers = json.loads((p["reports"] / "metrics.json").read_text())
     assert set(numbers) == {"bicubic", "unavailable"}
+    too_small = "3 of 3 images are under two whole 96x96 blocks, NIQE's minimum"  # the test images are ~60 px
     assert numbers["unavailable"] == {"lpips": "disabled in params.yaml (evaluate.lpips: false)",
-                                      "fid": "disabled in params.yaml (evaluate.fid: false)"}
+                                      "fid": "disabled in params.yaml (evaluate.fid: false)",
+                                      **{f"niqe.tiny.x{s}": too_small for s in ("2", "2.5", "4")}}
     # Recompute one number independently from the prepared files.
     rows = test[test.scale == 2.5]
     expected = np.mean([
@@ -99,7 +101,7 @@ def test_stages_end_to_end(work):
     r = stage("report", "--params", p["params"], "--prepared", p["prepared"], "--sr", p["sr"], "--reports", p["reports"])
     assert r.returncode == 0, r.stderr
     report = (p["reports"] / "report.md").read_text()
-    assert "## tiny" in report and "bicubic" in report and "psnr_vs_scale.png" in report
+    assert "## tiny" in report and "bicubic" in report and "psnr_vs_scale.png" in report and "psnr_vs_niqe.png" in report
     assert "grids/tiny_x2.png" in report and "grids/tiny_x4.png" in report
     assert Image.open(p["reports"] / "grids" / "tiny_x4.png").size[0] > 200
 
