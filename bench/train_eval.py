@@ -35,7 +35,8 @@ def main() -> None:
     seconds["prepare"] = stage("prepare", "--params", p, "--raw", w / "raw", "--out", w / "prepared")
     seconds["train"] = stage("train", "--params", p, "--prepared", w / "prepared", "--out", w / "models")
     seconds["evaluate"] = stage("evaluate", "--params", p, "--prepared", w / "prepared", "--sr-out", w / "sr",
-                                "--metrics", w / "metrics.json", "--scales", w / "scales.csv",
+                                "--metrics", w / "metrics.json",
+                                "--unavailable", w / "unavailable.json", "--scales", w / "scales.csv",
                                 "--per-image", w / "per_image.csv", "--checkpoint", w / "models" / "model.pt")
     table = pd.read_csv(w / "scales.csv")
     wide = table.pivot_table(index=["dataset", "scale"], columns="method", values=["psnr_y", "ssim_y"])

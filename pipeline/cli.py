@@ -4,7 +4,9 @@
 or MLflow store needed), a checkpoint path or an MLflow model URI (e.g. models:/idm@champion).
 By default a model with a regression output (the shipped one) gives it: one pass, the best
 PSNR, never below bicubic (MODEL_CARD.md); `--steps N` draws a diffusion sample instead.
-Outputs are PNG files named <stem>_x<scale>.png (or <stem>_<W>x<H>.png), written atomically.
+Inputs are files or folders (`--recursive`: subfolders too); outputs go to `--out` (default
+`results/`) as <stem>_x<scale>.<ext> (or <stem>_<W>x<H>.<ext>; `--suffix`, `--ext`), written
+atomically; every name is checked (no two outputs alike, no input overwritten) before any work.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from idm.config import (
@@ -35,6 +38,7 @@ from pipeline.data.images import (
     read_image,
     write_image,
 )
+from pipeline.jobs import OUTPUT_EXTS, plan
 
 DEFAULT_MODEL = "pretrained"  # idm.pretrained: shipped in the package
 
@@ -135,8 +139,12 @@ def flag_error(err: ConfigError) -> ValueError:
 
 def output_size(path: Path, lr_shape: tuple[int, ...], args: argparse.Namespace) -> tuple[int, int]:
     """(height, width) of the output for an input of `lr_shape`; ValueError naming `path` if it
-    is absurd (not finite, or more pixels than inputs may have: pipeline.data.images.DEFAULT_MAX_PIXELS)."""
-    if args.size:
+    is absurd (not finite, or more pixels than inputs may have: pipeline.data.images.DEFAULT_MAX_PIXELS).
+    With --size and --keep-aspect: the largest size of the input's aspect ratio inside --size."""
+    if args.size and args.keep_aspect:
+        scale = min(args.size[0] / lr_shape[0], args.size[1] / lr_shape[1])
+        height, width = (max(1, round(side * scale)) for side in lr_shape[:2])
+    elif args.size:
         height, width = args.size
     else:
         height, width = (side * args.scale for side in lr_shape[:2])
@@ -145,16 +153,39 @@ def output_size(path: Path, lr_shape: tuple[int, ...], args: argparse.Namespace)
     if height * width > DEFAULT_MAX_PIXELS:
         raise ValueError(f"{path}: a {round(width)}x{round(height)} output is above the limit of {DEFAULT_MAX_PIXELS} "
                          f"pixels; use a smaller --scale or --size")
-    return args.size or target_size(lr_shape[:2], args.scale)
+    if args.size:
+        return int(height), int(width)
+    return target_size(lr_shape[:2], args.scale)
+
+
+def aspect_warning(path: Path, lr_shape: tuple[int, ...], size: tuple[int, int]) -> str | None:
+    """A warning when `size` stretches the input by more than 1% in one direction than the other."""
+    stretch = (size[1] / lr_shape[1]) / (size[0] / lr_shape[0])
+    if abs(stretch - 1) <= 0.01:
+        return None
+    return (f"idm: warning: {path}: {size[1]}x{size[0]} changes its aspect ratio ({lr_shape[1]}x{lr_shape[0]}, "
+            f"stretched {stretch:.2f}x horizontally); --keep-aspect fits it inside --size instead")
 
 
 def upscale(args: argparse.Namespace) -> None:
-    """Check every flag, input and output size first (fail fast: nothing is written on bad input),
-    then upscale the inputs one at a time, so memory holds one decoded input at once."""
+    """Check every flag, input, output name and output size first (fail fast: nothing is written
+    on bad input), then upscale the inputs one at a time, so memory holds one decoded input at once."""
     sample = sample_config(args)
     device = resolve_device_flag(args)  # every flag is checked before any input is read
-    shapes = {path: probe_image(path, max_bytes=sample.max_bytes) for path in args.images}  # headers only
-    sizes = {path: output_size(path, shape, args) for path, shape in shapes.items()}
+    shapes: dict[Path, tuple[int, int]] = {}
+    sizes: dict[Path, tuple[int, int]] = {}
+
+    def suffix(src: Path) -> str:  # headers only: the input's size gives the output's
+        shapes[src] = probe_image(src, max_bytes=sample.max_bytes)
+        sizes[src] = output_size(src, shapes[src], args)
+        if args.suffix is not None:
+            return args.suffix
+        return f"x{args.scale:g}" if args.scale else f"{sizes[src][1]}x{sizes[src][0]}"
+
+    jobs = plan(args.images, args.out, suffix=suffix, ext=args.ext, recursive=args.recursive)
+    for job in jobs:
+        if args.size and not args.keep_aspect and (warning := aspect_warning(job.src, shapes[job.src], sizes[job.src])):
+            print(warning, file=sys.stderr)
     try:
         method = load_method(args, sample, device)
     except ConfigError as err:  # settings that depend on the model: --steps above its T
@@ -170,19 +201,24 @@ def upscale(args: argparse.Namespace) -> None:
         print(f"CPU: {use_threads(sample.threads)} threads, {torch.backends.cpu.get_cpu_capability()} kernels, {path}")
     from idm.inference.memory import check_memory
     from idm.inference.tiling import tile_starts
+    from idm.resize import resize_uint8
 
     tiles = {}
-    for path in args.images:  # decodable, and a tile (or none) fits the bound; one image held at a time
-        read_image(path, max_bytes=sample.max_bytes)
+    for job in jobs:  # decodable, and a tile (or none) fits the bound; one image held at a time
+        read_image(job.src, max_bytes=sample.max_bytes)
         if args.no_tiling:
-            check_memory(method.model.cfg, sizes[path], max_bytes=sample.max_bytes, lr_size=shapes[path],
+            check_memory(method.model.cfg, sizes[job.src], max_bytes=sample.max_bytes, lr_size=shapes[job.src],
                          regression=not method.sample.steps)
-        tiles[path] = method.tile_for(shapes[path], sizes[path])
-    for path in tqdm(args.images, desc="upscale", unit="image", disable=len(args.images) < 2):
-        lr, size, tile = read_image(path, max_bytes=sample.max_bytes), sizes[path], tiles[path]
-        suffix = f"x{args.scale:g}" if args.scale else f"{size[1]}x{size[0]}"
-        out = args.out / f"{Path(path).stem}_{suffix}.png"
-        write_image(out, method.upscale(lr, size, tile), compress_level=PNG_LEVEL)
+        tiles[job.src] = method.tile_for(shapes[job.src], sizes[job.src])
+    bar = tqdm(jobs, desc="upscale", unit="image", disable=len(jobs) < 2)
+    for job in bar:
+        image, size, tile = read_image(job.src, max_bytes=sample.max_bytes, alpha=True), sizes[job.src], tiles[job.src]
+        lr = image[..., :3]
+        out = method.upscale(np.ascontiguousarray(lr), size, tile)
+        if image.shape[2] == 4:  # the alpha channel by bicubic (the model is trained on colour only)
+            alpha = resize_uint8(np.repeat(image[..., 3:], 3, axis=2), size)[..., :1]
+            out = np.concatenate([out, alpha], axis=2)
+        write_image(job.out, out, compress_level=PNG_LEVEL)
         tiled = ""
         if tile is not None:  # say so: a tiled output can differ slightly from one run in one piece (README)
             overlap = method.sample.tile_overlap
@@ -190,7 +226,8 @@ def upscale(args: argparse.Namespace) -> None:
             need = method.peak_bytes(lr.shape[:2], size) / 2**30
             tiled = (f" in {count} tiles of {tile} LR px (in one piece it would need ~{need:.2f} GiB, "
                      f"above --max-memory-gb {args.max_memory_gb:g})")
-        print(f"{path} ({lr.shape[1]}x{lr.shape[0]}) -> {out} ({size[1]}x{size[0]}){tiled}")
+        kept = ", alpha by bicubic" if image.shape[2] == 4 else ""
+        bar.write(f"{job.src} ({lr.shape[1]}x{lr.shape[0]}) -> {job.out} ({size[1]}x{size[0]}{kept}){tiled}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -205,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="idm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     up = sub.add_parser("upscale", help="super-resolve images by any scale")
-    up.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    up.add_argument("images", nargs="+", type=Path, metavar="INPUT", help="image files and/or folders of images")
+    up.add_argument("-r", "--recursive", action="store_true",
+                    help="take the images in subfolders of folder inputs too, keeping the subfolders under --out")
     target = up.add_mutually_exclusive_group(required=True)
     target.add_argument("--scale", type=parse_scale, help="magnification, a number > 1 (e.g. 3.7)")
     target.add_argument("--size", type=parse_size, help="output size WIDTHxHEIGHT (e.g. 1920x1080)")
@@ -235,7 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GroupNorm statistics of each tile (fast) or of the whole image (closer to the untiled "
                          f"result, much slower; see bench/README.md) (default {SAMPLE.tile_norm})")
     up.add_argument("--no-tiling", action="store_true", help="fail instead of tiling when over --max-memory-gb")
-    up.add_argument("--out", type=Path, required=True, help="output folder")
+    up.add_argument("--out", type=Path, default=Path("results"),
+                    help="output folder (default: results), or the output file for one input (e.g. out.jpg)")
+    up.add_argument("--suffix", default=None,
+                    help="output names are <stem>_<suffix>.<ext> (default: x<scale>, or <W>x<H> with --size; '' for none)")
+    up.add_argument("--ext", default="auto", choices=("auto", *OUTPUT_EXTS),
+                    help="output format (default auto: the input's when png, jpg or webp, else png; "
+                         "inputs with alpha keep it, upscaled by bicubic, so they never become jpg)")
+    up.add_argument("--keep-aspect", action="store_true",
+                    help="with --size: fit the output inside WIDTHxHEIGHT at the input's aspect ratio "
+                         "(without it a different ratio stretches the image, with a warning)")
     sub.add_parser("serve", help="Prefect server + MLflow UI + scheduled flows (same as make serve)")
     return parser
 

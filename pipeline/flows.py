@@ -119,6 +119,7 @@ def stage_evaluator(model_uri: str, label: str, project: Path) -> dict[str, Any]
         cmd = [sys.executable, "-m", "pipeline.stages.evaluate", "--params", str(project / "params.yaml"),
                "--prepared", str(project / "data" / "prepared"), "--model-uri", model_uri, "--label", label,
                "--sr-out", str(out / "sr"), "--metrics", str(out / "metrics.json"),
+               "--unavailable", str(out / "unavailable.json"),
                "--scales", str(out / "scales.csv"), "--per-image", str(out / "per_image.csv")]
         run_command(cmd, cwd=project, env=subprocess_env(current_run_id()), log=flow_logger().info)
         numbers = json.loads((out / "metrics.json").read_text())

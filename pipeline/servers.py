@@ -170,12 +170,16 @@ def services(args: argparse.Namespace) -> Iterator[dict[str, str]]:
             urls["mlflow"] = f"http://{HOST}:{port}"
         yield urls
     finally:
-        # A second Ctrl-C must not interrupt the clean-up half way and orphan a server.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        stop_other_children({s.proc.pid for s in running})  # each server leads its own group
-        for service in reversed(running):
-            service.stop()
+        # A second Ctrl-C must not interrupt the clean-up half way and orphan a server; the
+        # handlers come back afterwards (a process that ignores SIGINT passes that on to its children).
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            stop_other_children({s.proc.pid for s in running})  # each server leads its own group
+            for service in reversed(running):
+                service.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def deployments(params: Params) -> list[Any]:

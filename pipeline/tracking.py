@@ -1,7 +1,10 @@
 """Thin MLflow helpers: one store location, one experiment, tagged runs.
 
 The store is `sqlite:///<project>/mlflow.db` with artifacts in `<project>/mlartifacts/`
-unless MLFLOW_TRACKING_URI says otherwise (a server, another database).
+unless MLFLOW_TRACKING_URI says otherwise (a server, another database). `<project>` is
+where the code is, or, for `dvc exp run --temp` / `--queue` (which run in a copy under
+`<project>/.dvc/tmp/exps/`), the project that copy was made from, so experiments are
+tracked in the project's own store instead of a throwaway one.
 
 When the store is unavailable or locked, a stage fails before doing any work: `setup()`,
 which every stage calls before its work (the train stage through `stage_run`, before
@@ -50,8 +53,17 @@ class TrackingUnavailable(RuntimeError):
     """The MLflow store cannot be reached, opened or written (down, locked, misconfigured)."""
 
 
+def project_root(root: Path = ROOT) -> Path:
+    """`root`, or the project DVC copied it from when `root` lies in <project>/.dvc/tmp/exps/."""
+    parts = root.resolve().parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 def artifact_location() -> str | None:

@@ -27,8 +27,9 @@ class ImageReadError(ValueError):
     """An input file is not a readable image (or is too large to decode safely)."""
 
 
-def _to_rgb8(img: Image.Image) -> np.ndarray:
-    """Convert any Pillow mode to an (H, W, 3) uint8 array."""
+def _to_rgb8(img: Image.Image, alpha: bool = False) -> np.ndarray:
+    """Convert any Pillow mode to an (H, W, 3) uint8 array, or (H, W, 4) RGBA when `alpha`
+    and the image has transparency."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16/32-bit greyscale: Pillow's convert("L") clips instead of rescaling.
         arr = np.asarray(img, dtype=np.float64)
@@ -37,8 +38,10 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
             peak = 1.0
         grey = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    if img.mode == "P" and "transparency" in img.info:
+    if "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         img = img.convert("RGBA")
+        if alpha:
+            return np.asarray(img, dtype=np.uint8).copy()
     # Alpha is dropped (not composited): SR datasets score the colour channels only.
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
@@ -111,8 +114,9 @@ def probe_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_bytes: int | None = None) -> np.ndarray:
-    """Read an image file as an (H, W, 3) uint8 RGB array in [0, 255].
+               max_bytes: int | None = None, alpha: bool = False) -> np.ndarray:
+    """Read an image file as an (H, W, 3) uint8 RGB array in [0, 255] ((H, W, 4) RGBA if
+    `alpha` and the file has transparency; otherwise alpha is dropped).
 
     Greyscale, alpha, palette, CMYK and 16-bit inputs are converted; EXIF rotation is
     applied. Raises ImageReadError naming the file for anything `probe_image` refuses
@@ -127,7 +131,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             with Image.open(path) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                arr = _to_rgb8(img)
+                arr = _to_rgb8(img, alpha)
     except Image.DecompressionBombError as err:
         raise ImageReadError(f"{path}: image too large: {err}") from None
     except FileNotFoundError:
@@ -139,13 +143,25 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     return arr
 
 
-def write_image(path: str | os.PathLike, img: np.ndarray, *, compress_level: int = 6) -> None:
-    """Write an (H, W, 3) or (H, W) uint8 array as PNG, atomically. `compress_level` is zlib's,
-    0-9: PIL's default 6 for the pipeline's files, lower for `idm upscale`'s outputs (faster)."""
+_WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def write_image(path: str | os.PathLike, img: np.ndarray, *, compress_level: int = 6, quality: int = 95) -> None:
+    """Write an (H, W, 3), (H, W, 4) RGBA or (H, W) uint8 array atomically, as PNG, JPEG or
+    WebP by the path's suffix. `compress_level` is PNG's zlib level, 0-9: PIL's default 6 for
+    the pipeline's files, lower for `idm upscale`'s outputs (faster); `quality` is JPEG's and
+    WebP's (lossy). ValueError for another suffix, or alpha to JPEG."""
     if img.dtype != np.uint8:
         raise TypeError(f"write_image expects uint8, got {img.dtype}")
+    fmt = _WRITE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: cannot write {Path(path).suffix or 'a file without a suffix'}; "
+                         f"use {', '.join(_WRITE_FORMATS)}")
+    if fmt == "JPEG" and img.ndim == 3 and img.shape[2] == 4:
+        raise ValueError(f"{path}: JPEG has no alpha channel")
+    options = {"compress_level": compress_level} if fmt == "PNG" else {"quality": quality}
     with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG", compress_level=compress_level)
+        Image.fromarray(img).save(tmp, format=fmt, **options)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -1,8 +1,10 @@
 """evaluate stage: run each method over every test pair; write metrics and log them to MLflow.
 
 Outputs: data/sr/<method>/<dataset>/x<scale>/<image>.png (the SR images),
-reports/metrics.json (DVC metrics), reports/scales.csv (DVC plots: one row per
-method x dataset x scale), reports/per_image.csv, and one MLflow run per method.
+reports/metrics.json (DVC metrics: numbers only, {method: {name: value}}),
+reports/unavailable.json (why a metric has no number: {name: reason}), reports/scales.csv
+(DVC plots: one row per method x dataset x scale), reports/per_image.csv, and one MLflow
+run per method.
 All of them are replaced together at the end, so a failure (bad input, a full disk)
 leaves the previous run's outputs as they were; the MLflow store is checked first.
 """
@@ -180,9 +182,10 @@ def mlflow_run(params: Params, tags: dict[str, str]):
 
 def write_outputs(table: pd.DataFrame, per_image: pd.DataFrame, numbers: dict, unavailable: dict,
                   args: argparse.Namespace, stack: ExitStack) -> None:
-    """Write the three report files to temporary files that `stack` renames into place when it closes."""
+    """Write the report files to temporary files that `stack` renames into place when it closes."""
     for path, text in (
-        (args.metrics, json.dumps({**numbers, "unavailable": unavailable}, indent=2, sort_keys=True) + "\n"),
+        (args.metrics, json.dumps(numbers, indent=2, sort_keys=True) + "\n"),
+        (args.unavailable, json.dumps(unavailable, indent=2, sort_keys=True) + "\n"),
         (args.scales, table.to_csv(index=False, float_format="%.6g")),
         (args.per_image, per_image.to_csv(index=False, float_format="%.6g")),
     ):
@@ -195,6 +198,8 @@ def main() -> None:
     parser.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared")
     parser.add_argument("--sr-out", type=Path, default=ROOT / "data" / "sr")
     parser.add_argument("--metrics", type=Path, default=ROOT / "reports" / "metrics.json")
+    parser.add_argument("--unavailable", type=Path, default=ROOT / "reports" / "unavailable.json",
+                        help="why a metric has no number in --metrics")
     parser.add_argument("--scales", type=Path, default=ROOT / "reports" / "scales.csv")
     parser.add_argument("--per-image", type=Path, default=ROOT / "reports" / "per_image.csv")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "idm" / "model.pt",

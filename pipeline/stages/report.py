@@ -37,7 +37,7 @@ def main() -> None:
     tracking.setup()  # an unavailable MLflow store fails here, before any work
     table = pd.read_csv(args.reports / "scales.csv")
     per_image = pd.read_csv(args.reports / "per_image.csv")
-    unavailable = json.loads((args.reports / "metrics.json").read_text()).get("unavailable", {})
+    unavailable = json.loads((args.reports / "unavailable.json").read_text())
 
     plot, report = args.reports / "psnr_vs_scale.png", args.reports / "report.md"
     perception = args.reports / "psnr_vs_niqe.png"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from PIL import Image
 from idm.checkpoint import make_checkpoint, save_checkpoint
 from idm.config import DiffusionConfig, ModelConfig, SampleConfig, TrainConfig
 from idm.models import IDM
+from idm.resize import resize_uint8
 from pipeline.data.images import read_image
 from tests.helpers import TINY, photo
 
@@ -37,14 +39,47 @@ def idm(*args: str | Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_upscale_greyscale_and_rgba(tmp_path, checkpoint):
+def test_upscale_greyscale_and_rgba_keeps_alpha(tmp_path, checkpoint):
     Image.fromarray(photo(20, 24)).convert("L").save(tmp_path / "grey.png")
-    Image.fromarray(photo(18, 16)).convert("RGBA").save(tmp_path / "rgba.png")
+    rgba = np.dstack([photo(18, 16), np.linspace(0, 255, 18 * 16).reshape(18, 16).astype(np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
     r = idm("upscale", tmp_path / "grey.png", tmp_path / "rgba.png", "--scale", "2.5", "--model", checkpoint,
             "--steps", "2", "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
-    grey, rgba = read_image(tmp_path / "out" / "grey_x2.5.png"), read_image(tmp_path / "out" / "rgba_x2.5.png")
-    assert grey.shape == (50, 60, 3) and rgba.shape == (45, 40, 3)
+    grey = read_image(tmp_path / "out" / "grey_x2.5.png")
+    out = read_image(tmp_path / "out" / "rgba_x2.5.png", alpha=True)
+    assert grey.shape == (50, 60, 3) and out.shape == (45, 40, 4)
+    assert np.array_equal(out[..., 3], resize_uint8(np.repeat(rgba[..., 3:], 3, axis=2), (45, 40))[..., 0])
+    assert "alpha by bicubic" in r.stdout
+
+
+def test_folders_recursive_suffix_ext_and_one_bar(tmp_path, checkpoint):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    Image.fromarray(photo(12, 14)).save(tmp_path / "in" / "a.png")
+    Image.fromarray(photo(10, 10)).save(tmp_path / "in" / "sub" / "b.jpg", quality=95)
+    r = idm("upscale", tmp_path / "in", "-r", "--scale", "2", "--model", checkpoint, "--steps", "1",
+            "--suffix", "big", "--out", tmp_path / "in" / "out")
+    assert r.returncode == 0, r.stderr
+    made = sorted(p.relative_to(tmp_path / "in" / "out").as_posix() for p in (tmp_path / "in" / "out").rglob("*.*"))
+    assert made == ["a_big.png", "sub/b_big.jpg"]  # --ext auto keeps each input's format
+    assert Image.open(tmp_path / "in" / "out" / "sub" / "b_big.jpg").format == "JPEG"
+    renders = [part for part in r.stderr.replace("\r", "\n").splitlines() if "%|" in part]
+    assert renders and all(part.startswith("upscale:") and "/2 " in part for part in renders)  # one bar, all images
+    # Again, into the same folder inside the input: the previous outputs are not inputs now.
+    again = idm("upscale", tmp_path / "in", "-r", "--scale", "2", "--model", checkpoint, "--steps", "1",
+                "--ext", "webp", "--out", tmp_path / "in" / "out")
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (tmp_path / "in" / "out").rglob("*.webp")) == ["a_x2.webp", "b_x2.webp"]
+
+
+def test_size_that_stretches_warns_and_keep_aspect_fits(tmp_path, checkpoint):
+    Image.fromarray(photo(10, 20)).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", "--size", "40x40", "--model", checkpoint, "--out", tmp_path / "o")
+    assert r.returncode == 0 and "changes its aspect ratio (20x10, stretched 0.50x horizontally)" in r.stderr
+    r = idm("upscale", tmp_path / "a.png", "--size", "40x40", "--keep-aspect", "--model", checkpoint,
+            "--out", tmp_path / "o.png")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert read_image(tmp_path / "o.png").shape == (20, 40, 3)  # --out names the one output file
 
 
 def test_upscale_to_size(tmp_path, checkpoint):

@@ -173,7 +173,7 @@ def stage_args(w: dict[str, Path], stage: str) -> list[str | Path]:
         "quantize": ["--prepared", w["prepared"], "--checkpoint", w["models"] / "model.pt",
                      "--out", w["models"].parent / "idm-int8"],
         "evaluate": ["--prepared", w["prepared"], "--sr-out", w["sr"], "--metrics", w["reports"] / "metrics.json",
-                     "--scales", w["reports"] / "scales.csv", "--per-image", w["reports"] / "per_image.csv",
+                     "--unavailable", w["reports"] / "unavailable.json", "--scales", w["reports"] / "scales.csv", "--per-image", w["reports"] / "per_image.csv",
                      "--checkpoint", w["models"] / "model.pt"],
         "report": ["--prepared", w["prepared"], "--sr", w["sr"], "--reports", w["reports"]],
     }[stage]

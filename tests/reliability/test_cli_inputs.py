@@ -159,9 +159,12 @@ def test_a_registered_model_load_leaves_no_temporary_folder(checkpoint, tmp_path
 
 def _start_upscale(model: Path, image: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # A shell's background job (CI under nohup or `&`) ignores SIGINT, and a child inherits that:
+    # give it the default Ctrl-C, as in a terminal.
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "upscale", str(image), "--scale", "4",
                              "--model", str(model), "--steps", "50", "--out", str(out)],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

@@ -77,7 +77,7 @@ def _outputs(w) -> dict[str, dict[str, bytes]]:
 @pytest.mark.parametrize("stage, owner, name, after", [
     ("download", shutil, "copy2", 2),
     ("prepare", Image.Image, "save", 5),
-    ("evaluate", Path, "write_text", 2),  # metrics.json and scales.csv written, per_image.csv not
+    ("evaluate", Path, "write_text", 2),  # metrics.json and unavailable.json written, scales.csv not
     ("report", Figure, "savefig", 1),  # the plot written, a grid not
 ])
 def test_a_full_disk_mid_stage_is_one_line_and_keeps_the_previous_outputs(work, monkeypatch, stage, owner, name, after):

@@ -103,3 +103,23 @@ def test_write_image_is_atomic(tmp_path, monkeypatch):
         write_image(path, np.zeros((4, 4, 3), np.uint8))
     assert (read_image(path) == photo(10, 12)).all(), "previous file intact"
     assert [p.name for p in path.parent.iterdir()] == ["a.png"], "no temp file left"
+
+
+def test_alpha_is_kept_on_request_and_formats_follow_the_suffix(tmp_path):
+    rgba = np.dstack([photo(6, 7), np.arange(42, dtype=np.uint8).reshape(6, 7)])
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    assert read_image(tmp_path / "a.png").shape == (6, 7, 3)
+    assert np.array_equal(read_image(tmp_path / "a.png", alpha=True), rgba)
+    Image.fromarray(photo(6, 7)).save(tmp_path / "rgb.png")
+    assert read_image(tmp_path / "rgb.png", alpha=True).shape == (6, 7, 3)  # no alpha to keep
+    for name, fmt in (("o.png", "PNG"), ("o.jpg", "JPEG"), ("o.JPEG", "JPEG"), ("o.webp", "WEBP")):
+        write_image(tmp_path / name, photo(6, 7))
+        assert Image.open(tmp_path / name).format == fmt
+    write_image(tmp_path / "alpha.webp", rgba)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "alpha.webp"))[..., 3], rgba[..., 3])  # alpha is lossless
+    with pytest.raises(ValueError, match="JPEG has no alpha channel"):
+        write_image(tmp_path / "alpha.jpg", rgba)
+    with pytest.raises(ValueError, match=r"cannot write \.bmp"):
+        write_image(tmp_path / "o.bmp", photo(6, 7))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "alpha.webp", "o.JPEG", "o.jpg", "o.png", "o.webp",
+                                                          "rgb.png"]
