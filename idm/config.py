@@ -241,7 +241,8 @@ class TrainConfig:
 
 # Named sampler settings, chosen from the perception-distortion study (bench/README.md,
 # "Perception-distortion"): fidelity = the regression output (best PSNR/SSIM); balanced = the
-# deterministic setting with the lowest NIQE at x4 and x8; perceptual = the lowest NIQE at both.
+# deterministic setting with the lowest NIQE at x4 and at x8; perceptual = the lowest mean NIQE
+# over x4 and x8.
 SAMPLE_PRESETS: dict[str, dict[str, Any]] = {
     "fidelity": {"steps": 0},
     "balanced": {"sampler": "ddim", "steps": 2, "temperature": 0.0},

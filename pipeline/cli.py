@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"0 for a model that has a regression output, like the shipped one, else {SAMPLE.steps})")
     up.add_argument("--preset", choices=list(SAMPLE_PRESETS),
                     help="named sampler settings (bench/README.md, 'Perception-distortion'): fidelity = the regression "
-                         "output; balanced; perceptual = most natural-looking (lowest NIQE) within 1 dB of it. "
+                         "output; balanced = deterministic, more natural-looking (lower NIQE); perceptual = the lowest NIQE. "
                          "--steps, --sampler and --temperature override it")
     up.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help=f"(default {SAMPLE.sampler})")
     up.add_argument("--spacing", default=SAMPLE.spacing, choices=list(SPACINGS),
