@@ -43,7 +43,7 @@ from pipeline.jobs import OUTPUT_EXTS, plan
 DEFAULT_MODEL = "pretrained"  # idm.pretrained: shipped in the package
 
 SAMPLE = SampleConfig()  # sampling defaults under the flags and --preset
-# zlib level of the output PNGs: 3x faster to write than PIL's default 6, files 8% larger (bench/README.md).
+# zlib level of the output PNGs: faster to write than PIL's default 6, files a little larger (bench/README.md).
 PNG_LEVEL = 3
 
 

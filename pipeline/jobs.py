@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image
-
-from pipeline.data.images import IMAGE_SUFFIXES, ImageReadError
+from pipeline.data.images import IMAGE_SUFFIXES, probe_alpha
 
 OUTPUT_EXTS = ("png", "jpg", "webp")
 _FORMAT_EXT = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
@@ -29,15 +27,6 @@ class Job:
     src: Path
     out: Path
     alpha: bool
-
-
-def has_alpha(path: Path) -> bool:
-    """Whether the image at `path` has transparency (RGBA, LA, PA, or a transparent palette), from its header."""
-    try:
-        with Image.open(path) as img:
-            return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageReadError(f"{path}: not a readable image ({err})") from None
 
 
 def expand(inputs: list[Path], *, recursive: bool, skip: Path | None = None) -> list[tuple[Path, Path]]:
@@ -72,13 +61,13 @@ def plan(inputs: list[Path], out: Path, *, suffix: str | Callable[[Path], str], 
         raise ValueError(f"--out {out}: {out.suffix} is not an output format ({', '.join(OUTPUT_EXTS)}); "
                          "give one of those, or a folder")
     folder = out.parent if single_file else out
-    _check_writable(out if not single_file else folder, single_file)
+    _check_writable(folder)
     sources = expand(inputs, recursive=recursive, skip=None if single_file else out)
     if single_file and len(sources) != 1:
         raise ValueError(f"--out {out} names one file, but there are {len(sources)} inputs; give a folder")
     jobs = []
     for src, rel in sources:
-        alpha = has_alpha(src) if src.is_file() else False
+        alpha = probe_alpha(src) if src.is_file() else False
         tail = suffix(src) if callable(suffix) else suffix
         if single_file:
             target, fmt = out, _FORMAT_EXT[out.suffix.lower()]
@@ -106,7 +95,7 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def _check_writable(target: Path, single_file: bool) -> None:
+def _check_writable(target: Path) -> None:
     """The output folder (or file's folder) exists as a folder, or can be created where the nearest existing parent is."""
     if target.exists() and not target.is_dir():
         raise ValueError(f"--out {target}: is a file; give a folder (or, for one input, an output file name)")

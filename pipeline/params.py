@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from idm.config import (
     DEVICES,
     MODEL_PRESETS,
@@ -28,6 +26,7 @@ from idm.config import (
     SampleConfig,
     TrainConfig,
 )
+from pipeline.strict_yaml import MAX_FILE_BYTES, StrictYAMLError, read_strict  # noqa: F401 (MAX_FILE_BYTES)
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = ROOT / "params.yaml"
@@ -347,45 +346,13 @@ def parse(raw: Any) -> Params:
     )
 
 
-MAX_FILE_BYTES = 1 << 20  # a params file is a few KB; anything near this is not one
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """YAML without aliases (`*name`, which can expand a few bytes into gigabytes for any
-    reader of the file, DVC included) and without duplicate keys (where the later would
-    silently win)."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise ParamsError(f"line {mark.line + 1}: aliases (*name) are not allowed: a few of them can expand "
-                              "the file into gigabytes; write the values out")
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ParamsError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (the later one would "
-                                  "silently win); keep one")
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 def read_yaml(path: str | Path) -> Any:
-    """The YAML document at `path`, refusing aliases, duplicate keys and files over MAX_FILE_BYTES."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: no such params file")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise ParamsError(f"{path}: {path.stat().st_size} bytes, too large for a params file (at most {MAX_FILE_BYTES})")
+    """The YAML document at `path`, refusing aliases, duplicate keys and files over
+    MAX_FILE_BYTES (pipeline.strict_yaml); ParamsError naming the file and the line."""
     try:
-        return yaml.load(path.read_text(), Loader=_StrictLoader)
-    except ParamsError as err:  # an alias or a duplicate key: the loader names the line
-        raise ParamsError(f"{path}: {err}") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+        return read_strict(path, what="params file")
+    except StrictYAMLError as err:
+        raise ParamsError(str(err)) from None
 
 
 def load(path: str | Path = PARAMS_FILE) -> Params:

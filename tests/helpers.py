@@ -80,16 +80,22 @@ def fabricated_weights(name: str) -> bytes:
 
         state = torchvision.models.alexnet(weights=None).state_dict()
     else:
-        from unittest import mock
-
-        from torch_fidelity import feature_extractor_inceptionv3 as fidelity
-
-        with mock.patch.object(fidelity, "load_state_dict_from_url", lambda *a, **k: {}), \
-                mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, s: None):
-            state = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+        state = inception_network().state_dict()
     gen = torch.Generator().manual_seed(0)
     small = {k: ((torch.rand(v.shape[0], generator=gen) + 0.5) / max(1, v[0].numel()))
              .view(-1, *[1] * (v.dim() - 1)).expand(v.shape) if v.dim() else v.clone() for k, v in state.items()}
     buf = io.BytesIO()
     torch.save(small, buf)
     return buf.getvalue()
+
+
+def inception_network():
+    """torch-fidelity's Inception-v3 feature extractor with its default (random) init: the
+    architecture only, neither downloaded nor loaded."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    with mock.patch.object(fidelity, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, s: None):
+        return fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])

@@ -38,12 +38,25 @@ def _to_rgb8(img: Image.Image, alpha: bool = False) -> np.ndarray:
             peak = 1.0
         grey = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    if "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if _has_alpha(img):
         img = img.convert("RGBA")
         if alpha:
             return np.asarray(img, dtype=np.uint8).copy()
     # Alpha is dropped (not composited): SR datasets score the colour channels only.
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def probe_alpha(path: str | os.PathLike) -> bool:
+    """Whether the image at `path` has transparency (an alpha band or a transparent colour), from its header."""
+    try:
+        with Image.open(path) as img:
+            return _has_alpha(img)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(f"{path}: not a readable image ({err})") from None
 
 
 # Bytes per pixel that decoding and converting to 8-bit RGB may hold at once: Pillow's

@@ -7,14 +7,13 @@ Two pristine models, each used with the feature code it was fitted with:
   own features, which differ from the MATLAB release: zero padding, PIL's bicubic for the
   half-size scale, and the two diagonal products' right scale replaced by their left one.
 - "matlab": the MATLAB release's `modelparameters.mat` (converted to `niqe_pris_params.npz`
-  by BasicSR, whose PyPI source archive `fetch_matlab_model` downloads). With it `niqe`
-  reproduces the MATLAB code, e.g. Set14 baboon 5.7296 (BasicSR's MATLAB R2021a figure).
+  by BasicSR; pipeline.evaluation.weights fetches it from BasicSR's PyPI source archive).
+  With it the scores reproduce the MATLAB code (the test compares against a published figure).
 
 scikit-video's `niqe` itself no longer runs (it calls `np.int` and `scipy.misc.imresize`,
 both removed), and no maintained package takes scikit-video's parameter file (pyiqa and
 BasicSR implement the MATLAB features only, and pull in far more than NIQE), so this module
-is a vectorised NumPy port of both; tests/pipeline/evaluation/test_niqe.py checks it against
-scikit-video's own functions and against the MATLAB figure.
+is a vectorised NumPy port of both; tests/pipeline/evaluation/test_niqe.py checks it.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ import skimage.color
 import skimage.metrics
 import torch
 import torchvision
-from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from idm.resize import resize_uint8
 from pipeline.evaluation import metrics, weights
+from tests.helpers import inception_network
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -199,12 +199,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 def fake_inception_state() -> dict[str, torch.Tensor]:
     """A seeded random state dict with the keys and shapes of torch-fidelity's Inception-v3."""
     torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as mp:
-        # Build the architecture only: skip both the download and the weight loading.
-        mp.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        extractor = fidelity_inception.FeatureExtractorInceptionV3
-        mp.setattr(extractor, "load_state_dict", lambda self, state: None)
-        net = extractor("inception-v3-compat", ["2048"])
+    net = inception_network()
     # He init keeps activations O(1) through the 90-odd layers; the default init shrinks
     # them into subnormal floats, which are slow on CPU and give FIDs of ~1e-15.
     for module in net.modules():
