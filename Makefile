@@ -13,23 +13,38 @@ export DO_NOT_TRACK := 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test ui serve bench pretrain clean-venv
+.PHONY: run test ui serve bench pretrain clean-venv lock
 
-# Reinstall only when pyproject.toml is newer than the stamp.
-$(STAMP): pyproject.toml
+# Reinstall only when pyproject.toml or the lock is newer than the stamp. Every package is
+# installed at the version requirements.lock pins (pip constraints); `make lock` refreshes it.
+LOCK := requirements.lock
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	$(VENV)/bin/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
+
+# Resolve pyproject.toml afresh (newest allowed releases) in a scratch venv and pin the result.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e ".[dev]"
+	{ echo "# pip constraints for make's venv: every package pinned. Refresh: make lock (Python $$(.lock-venv/bin/python -c 'import platform; print(platform.python_version())'))"; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 # The project's params check runs first: DVC reads params.yaml too, and would expand a hostile one.
 run: $(STAMP)
 	$(VENV)/bin/python -m pipeline.params
 	dvc repro
 
+# One test file per worker process (module fixtures run once); one thread each (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/python -m pipeline.params
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ui: $(STAMP)
 	mlflow ui --host 127.0.0.1 --port 5000 \

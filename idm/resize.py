@@ -42,10 +42,12 @@ def resize(img: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def resize_uint8(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """`resize` for an (H, W, 3) uint8 array, rounded back to uint8 like a saved image."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
-    y = resize(x, size).round_().clamp_(0, 255)
-    return y.to(torch.uint8).permute(1, 2, 0).numpy()
+    """`resize` for an (H, W, C) uint8 array, rounded back to uint8 like a saved image
+    (a uint16 array stays uint16, rounded and clamped to [0, 65535])."""
+    peak = np.iinfo(img.dtype).max
+    x = torch.from_numpy(np.ascontiguousarray(img).astype(np.float32)).permute(2, 0, 1)
+    y = resize(x, size).round_().clamp_(0, peak)
+    return y.permute(1, 2, 0).numpy().astype(img.dtype)
 
 
 def check_scale(scale: float) -> float:
@@ -92,12 +94,21 @@ def target_size(lr_size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 
 def to_model_range(img: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
-    """(h, w, 3) uint8 in [0, 255] -> (1, 3, h, w) float32 in [-1, 1] on `device`."""
+    """(h, w, 3) uint8 in [0, 255] (or uint16 in [0, 65535]) -> (1, 3, h, w) float32 in [-1, 1] on `device`."""
+    half = np.iinfo(img.dtype).max / 2
+    if img.dtype == np.uint16:  # few torch ops take uint16
+        img = img.astype(np.int32)
     x = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1).unsqueeze(0).float()
-    return x / 127.5 - 1.0
+    return x / half - 1.0
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
     """(1, 3, H, W) float in [-1, 1] -> (H, W, 3) uint8, rounded like a saved image."""
     y = ((x[0].clamp(-1, 1) + 1.0) * 127.5).round_().to(torch.uint8)
     return y.permute(1, 2, 0).cpu().numpy()
+
+
+def to_uint16(x: Tensor) -> np.ndarray:
+    """(1, 3, H, W) float in [-1, 1] -> (H, W, 3) uint16 in [0, 65535], rounded."""
+    y = ((x[0].clamp(-1, 1) + 1.0) * 32767.5).round_().to(torch.int32)
+    return y.permute(1, 2, 0).cpu().numpy().astype(np.uint16)

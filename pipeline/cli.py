@@ -34,8 +34,11 @@ from idm.resize import check_scale, target_size
 from pipeline.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageReadError,
+    bit_depth,
     probe_image,
     read_image,
+    read_image_16,
+    to_8_bit,
     write_image,
 )
 from pipeline.jobs import OUTPUT_EXTS, plan
@@ -87,8 +90,13 @@ def load_method(args: argparse.Namespace, sample: SampleConfig, device: str):
         from pipeline.tracking import setup
 
         setup()
+        uri = args.model
+        if args.int8:  # models:/idm@candidate --int8: the int8 version quantized from the candidate
+            from pipeline.registry import int8_uri
+
+            uri = int8_uri(uri)
         with tempfile.TemporaryDirectory(prefix="idm-model-") as tmp:
-            return _method(checkpoint_from_uri(args.model, Path(tmp)), args, sample, device)
+            return _method(checkpoint_from_uri(uri, Path(tmp)), args, sample, device)
     path = Path(args.model)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model checkpoint (give a .pt path or a models:/ URI)")
@@ -201,7 +209,7 @@ def upscale(args: argparse.Namespace) -> None:
         print(f"CPU: {use_threads(sample.threads)} threads, {torch.backends.cpu.get_cpu_capability()} kernels, {path}")
     from idm.inference.memory import check_memory
     from idm.inference.tiling import tile_starts
-    from idm.resize import resize_uint8
+    from idm.inference.upscaler import upscale_channels
 
     tiles = {}
     for job in jobs:  # decodable, and a tile (or none) fits the bound; one image held at a time
@@ -212,12 +220,14 @@ def upscale(args: argparse.Namespace) -> None:
         tiles[job.src] = method.tile_for(shapes[job.src], sizes[job.src])
     bar = tqdm(jobs, desc="upscale", unit="image", disable=len(jobs) < 2)
     for job in bar:
-        image, size, tile = read_image(job.src, max_bytes=sample.max_bytes, alpha=True), sizes[job.src], tiles[job.src]
+        size, tile = sizes[job.src], tiles[job.src]
+        deep = bit_depth(job.src) == 16  # kept 16-bit end to end, into a 16-bit PNG
+        image = (read_image_16(job.src, max_bytes=sample.max_bytes) if deep
+                 else read_image(job.src, max_bytes=sample.max_bytes, alpha=True))
         lr = image[..., :3]
-        out = method.upscale(np.ascontiguousarray(lr), size, tile)
-        if image.shape[2] == 4:  # the alpha channel by bicubic (the model is trained on colour only)
-            alpha = resize_uint8(np.repeat(image[..., 3:], 3, axis=2), size)[..., :1]
-            out = np.concatenate([out, alpha], axis=2)
+        out = upscale_channels(lambda rgb: method.upscale(rgb, size, tile), image, size)
+        if deep and job.out.suffix.lower() != ".png":
+            out = to_8_bit(out)
         write_image(job.out, out, compress_level=PNG_LEVEL)
         tiled = ""
         if tile is not None:  # say so: a tiled output can differ slightly from one run in one piece (README)
@@ -226,7 +236,7 @@ def upscale(args: argparse.Namespace) -> None:
             need = method.peak_bytes(lr.shape[:2], size) / 2**30
             tiled = (f" in {count} tiles of {tile} LR px (in one piece it would need ~{need:.2f} GiB, "
                      f"above --max-memory-gb {args.max_memory_gb:g})")
-        kept = ", alpha by bicubic" if image.shape[2] == 4 else ""
+        kept = (", alpha by bicubic" if image.shape[2] == 4 else "") + (", 16-bit" if out.dtype == np.uint16 else "")
         bar.write(f"{job.src} ({lr.shape[1]}x{lr.shape[0]}) -> {job.out} ({size[1]}x{size[0]}{kept}){tiled}")
 
 

@@ -248,6 +248,10 @@ def retrain(project: str | None = None, refresh_data: bool = True, evaluator: Ev
             "runs": stage_runs(run_id)}
 
 
+class NoChampion(RuntimeError):
+    """The evaluate flow found no model to re-score; its run ends Failed with this message."""
+
+
 @flow(name="idm-evaluate")
 def evaluate(project: str | None = None, evaluator: Evaluator | None = None,
              lock_timeout: float = LOCK_TIMEOUT) -> dict[str, Any]:
@@ -256,9 +260,9 @@ def evaluate(project: str | None = None, evaluator: Evaluator | None = None,
     root, run_id, log = Path(project or ROOT).resolve(), current_run_id(), get_run_logger()
     params = load(root / "params.yaml")
     champion = registry.version_by_alias(registry.CHAMPION)
-    if champion is None:
-        log.warning("no model has the alias 'champion' yet: nothing to evaluate (run the retrain flow first)")
-        return {"champion": None, "regression": False, "drops": [], "run_id": None, "metrics": {}}
+    if champion is None:  # a scheduled check that checked nothing must not look green
+        raise NoChampion(f"no version of model {registry.MODEL_NAME!r} has the alias {registry.CHAMPION!r}: "
+                         "nothing to evaluate (run the retrain flow first)")
     evaluation = score_model(evaluator or stage_evaluator, champion, "champion", root, lock_timeout)
     previous = registry.last_evaluation(champion)
     tolerance = params.schedules.evaluate_drop_tolerance
@@ -288,7 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.set and args.flow != "pipeline":
         parser.error("-S/--set applies to the pipeline flow only")
     overrides = {key: yaml.safe_load(value) for key, _, value in (s.partition("=") for s in args.set)}
-    result = {"pipeline": lambda: pipeline(overrides=overrides or None), "retrain": retrain, "evaluate": evaluate}[args.flow]()
+    try:
+        result = {"pipeline": lambda: pipeline(overrides=overrides or None), "retrain": retrain,
+                  "evaluate": evaluate}[args.flow]()
+    except NoChampion as err:
+        raise SystemExit(f"error: {err}") from None
     print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str))
 
 

@@ -8,16 +8,23 @@ works for serving while evaluation reads the checkpoint file directly.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ParamSchema, ParamSpec
+from PIL import Image
 
 from idm.config import SampleConfig
 from pipeline.params import ROOT
@@ -27,19 +34,97 @@ SAMPLE = SampleConfig()  # the sampling defaults of params.yaml
 CHECKPOINT_ARTIFACT = "checkpoint"
 INT8_ARTIFACT = "int8"
 
+MODEL_DESCRIPTION = (
+    "IDM, implicit diffusion for arbitrary-scale super-resolution (this project's pipeline.mlflow_model). "
+    "Float32 versions come from the train stage (alias candidate; champion once the retrain flow's gate "
+    "passes it), int8 versions from the quantize stage (tags quantization=int8 and fp32_version; aliases "
+    "candidate-int8 and champion-int8), the package's shipped weights from register_pretrained (alias "
+    "pretrained). pyfunc predict: LR uint8 image(s) and params scale, steps, seed, temperature."
+)
+
+# No input schema: the pyfunc takes arrays of several shapes and encoded files (IDMPyfunc).
+# The params are typed, so MLflow passes them on.
 SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),  # the LR image, HWC RGB
-    outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),  # the SR image
+    inputs=None,
     params=ParamSchema([ParamSpec("scale", "double", 4.0), ParamSpec("steps", "long", SAMPLE.steps),
                          ParamSpec("seed", "long", SAMPLE.seed), ParamSpec("temperature", "double", SAMPLE.temperature)]),
 )
+IMAGE_COLUMN = "image"
+
+
+class BadInput(MlflowException):
+    """A request the model cannot answer; `mlflow models serve` replies 400 with this one line.
+
+    The scoring server rewrites an exception's message to "Failed to predict data '<the
+    whole input>'. Error: ..."; this class keeps its own reason instead, so a reply never
+    echoes an image's pixels back.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self.reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        pass
+
+
+def pixels(array: Any) -> np.ndarray:
+    """An image array as uint8: integers 0..255 of any dtype (JSON gives int64); BadInput otherwise."""
+    arr = np.asarray(array)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind not in "iuf" or arr.size == 0:
+        raise BadInput(f"expected image pixels as numbers, got an array of {arr.dtype} with shape {arr.shape}")
+    if arr.min() < 0 or arr.max() > 255 or (arr.dtype.kind == "f" and not np.all(arr == np.round(arr))):
+        raise BadInput(f"pixel values must be integers in [0, 255], got values in [{arr.min():g}, {arr.max():g}]")
+    return arr.astype(np.uint8)
+
+
+def encoded_images(values: Any) -> list[np.ndarray]:
+    """Base64 strings (or raw bytes) of image files -> (h, w, 3) or (h, w, 4) uint8 arrays."""
+    from pipeline.data.images import ImageReadError, decode_image
+
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            try:
+                value = base64.b64decode(value, validate=True)
+            except binascii.Error:
+                raise BadInput(f"{IMAGE_COLUMN}[{i}] is not base64 (send the file's bytes base64-encoded)") from None
+        if not isinstance(value, bytes):
+            raise BadInput(f"{IMAGE_COLUMN}[{i}] must be a base64 string of an image file, got {type(value).__name__}")
+        try:
+            out.append(decode_image(value, name=f"{IMAGE_COLUMN}[{i}]", alpha=True))
+        except ImageReadError as err:
+            raise BadInput(str(err)) from None
+    return out
+
+
+def encode_png(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class IDMPyfunc(mlflow.pyfunc.PythonModel):
-    """predict(lr (h, w, 3) uint8, params={"scale", "steps", "seed", "temperature"}) -> (H, W, 3) uint8.
+    """IDM behind `mlflow.pyfunc`, params {"scale", "steps", "seed", "temperature"}. Inputs:
 
-    Defaults are the pipeline's sampling defaults (idm.config.SampleConfig), including
-    its memory bound: larger outputs are made tile by tile, as in `idm upscale`.
+    - an array: (h, w) grey, (h, w, 3) RGB or (h, w, 4) RGBA, or a batch (n, h, w, c) of
+      same-size images; pixel values integers in [0, 255]. Returns uint8 arrays of the same
+      layout at the target size.
+    - a DataFrame (or dict) with column `image` of base64-encoded files (PNG, JPEG, WebP, any
+      mode, sizes may differ), one row per image. Returns a DataFrame whose `image` column
+      holds the results as base64 PNG (alpha kept).
+
+    Alpha is upscaled by bicubic, colour by the model (idm.inference.upscaler.upscale_channels).
+    Defaults are the pipeline's sampling defaults (idm.config.SampleConfig), including its
+    memory bound: larger outputs are made tile by tile, as in `idm upscale`. Bad input or
+    params raise BadInput (HTTP 400 with a one-line reason when served).
     """
 
     def load_context(self, context: Any) -> None:
@@ -53,20 +138,50 @@ class IDMPyfunc(mlflow.pyfunc.PythonModel):
         if self.int8:
             self.method.use_int8(self.int8)
 
-    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
-        from idm.resize import target_size
+    # Annotated as MLflow accepts without a warning; a DataFrame or dict of encoded files is taken too.
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> Any:
+        from idm.config import ConfigError
+        from idm.inference.upscaler import upscale_channels
+        from idm.resize import check_scale, target_size
 
         params = {"scale": 4.0, "steps": SAMPLE.steps, "seed": SAMPLE.seed, "temperature": SAMPLE.temperature,
                   **(params or {})}
         method = copy.copy(self.method)  # shares the loaded model; settings are per call
-        method.sample = dataclasses.replace(method.sample, steps=int(params["steps"]), seed=int(params["seed"]),
-                                            temperature=float(params["temperature"]))
-        lr = np.asarray(model_input, dtype=np.uint8)
-        return method(lr, target_size(lr.shape[:2], float(params["scale"])))
+        try:
+            scale = check_scale(float(params["scale"]))
+            method.sample = dataclasses.replace(method.sample, steps=int(params["steps"]), seed=int(params["seed"]),
+                                                temperature=float(params["temperature"]))  # validated here
+        except (ValueError, ConfigError) as err:
+            raise BadInput(str(err).splitlines()[0]) from None
+        encoded, images = self._images(model_input)
+        outs = [upscale_channels(lambda rgb: method(rgb, target_size(img.shape[:2], scale)), img,
+                                 target_size(img.shape[:2], scale)) for img in images]
+        if encoded:
+            return pd.DataFrame({IMAGE_COLUMN: [encode_png(o) for o in outs]})
+        return np.stack(outs) if self._batch else outs[0]
+
+    def _images(self, model_input: Any) -> tuple[bool, list[np.ndarray]]:
+        """(whether the input was encoded files, the images as uint8 arrays); BadInput if neither."""
+        self._batch = False
+        if isinstance(model_input, (pd.DataFrame, dict)):
+            if IMAGE_COLUMN not in model_input:
+                raise BadInput(f"expected a column {IMAGE_COLUMN!r} of base64-encoded image files, "
+                               f"got columns {list(model_input)}")
+            return True, encoded_images(list(np.ravel(np.asarray(model_input[IMAGE_COLUMN], dtype=object))))
+        arr = pixels(model_input)
+        if arr.ndim == 4 or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+            self._batch = True
+            return False, list(arr)
+        if arr.ndim not in (2, 3):
+            raise BadInput(f"expected an (h, w), (h, w, 3), (h, w, 4) or (n, h, w, c) image array, "
+                           f"got shape {arr.shape}")
+        return False, [arr]
 
 
-def log_and_register(checkpoint: Path, *, int8: Path | None = None, tags: dict[str, str] | None = None) -> str:
-    """Log `checkpoint` (and its `int8` denoiser) as a pyfunc model in the active run; register a new `idm` version.
+def log_and_register(checkpoint: Path, *, int8: Path | None = None, tags: dict[str, str] | None = None,
+                     description: str = "") -> str:
+    """Log `checkpoint` (and its `int8` denoiser) as a pyfunc model in the active run; register a new `idm` version
+    with `tags` and `description` (the registered model gets MODEL_DESCRIPTION).
 
     Returns the version number (as MLflow gives it, a string).
     """
@@ -83,6 +198,9 @@ def log_and_register(checkpoint: Path, *, int8: Path | None = None, tags: dict[s
     client = mlflow.MlflowClient()
     for key, value in (tags or {}).items():
         client.set_model_version_tag(MODEL_NAME, version, key, value)
+    if description:
+        client.update_model_version(MODEL_NAME, version, description=description)
+    client.update_registered_model(MODEL_NAME, description=MODEL_DESCRIPTION)
     return version
 
 

@@ -26,6 +26,7 @@ from pipeline.tracking import MODEL_NAME
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
+INT8_SUFFIX = "-int8"  # candidate-int8 is the int8 version quantized from the candidate
 
 # Scores are rounded to 1e-6 in metrics.json; this keeps "exactly the threshold" on the passing side.
 _EPS = 1e-9
@@ -195,6 +196,80 @@ def record_decision(version: str, decision: Decision, *, champion: str | None, p
                        "promotion_run": run.info.run_id, "previous_champion": champion or "none"}.items():
         c.set_model_version_tag(MODEL_NAME, version, key, value)
     if decision.promote:
+        int8 = int8_of(version)  # champion-int8 follows; a champion without one loses the stale alias
+        if int8:
+            c.set_registered_model_alias(MODEL_NAME, CHAMPION + INT8_SUFFIX, int8)
+        else:
+            delete_alias(CHAMPION + INT8_SUFFIX)
         c.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
     return run.info.run_id
+
+
+def delete_alias(alias: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().delete_registered_model_alias(MODEL_NAME, alias)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise
+
+
+# --- int8 versions and descriptions ------------------------------------------------------------
+
+def int8_of(version: str) -> str | None:
+    """The newest int8 version quantized from float32 `version` (tags quantization=int8 and
+    fp32_version, set by the quantize stage), or None."""
+    found = client().search_model_versions(
+        f"name='{MODEL_NAME}' and tags.quantization='int8' and tags.fp32_version='{version}'")
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def mirror_aliases_to_int8(fp32_version: str, int8_version: str) -> list[str]:
+    """Give `int8_version` the alias `<alias>-int8` for each alias `fp32_version` has; returns them."""
+    c = client()
+    aliases = [a + INT8_SUFFIX for a in c.get_model_version(MODEL_NAME, fp32_version).aliases
+               if not a.endswith(INT8_SUFFIX)]
+    for alias in aliases:
+        c.set_registered_model_alias(MODEL_NAME, alias, int8_version)
+    return aliases
+
+
+def int8_uri(uri: str) -> str:
+    """The registry URI of the int8 model that goes with `uri` (models:/idm@ALIAS or models:/idm/N):
+    `uri` itself if it is an int8 version, else the int8 version quantized from it.
+
+    ValueError naming the version if it has none; URIs outside the registry come back unchanged.
+    """
+    prefix = f"models:/{MODEL_NAME}"
+    if not uri.startswith((prefix + "@", prefix + "/")):
+        return uri
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    ref = uri[len(prefix) + 1:]
+    try:
+        version = str(c.get_model_version_by_alias(MODEL_NAME, ref).version) if uri[len(prefix)] == "@" else ref
+        if c.get_model_version(MODEL_NAME, version).tags.get("quantization") == "int8":
+            return uri
+    except MlflowException:
+        return uri  # no such alias or version: loading it says so, with a hint
+
+    int8 = int8_of(version)
+    if int8 is None:
+        raise ValueError(f"{uri} is version {version}, and no int8 version was quantized from it "
+                         "(the quantize stage registers one: dvc repro quantize)")
+    return f"{prefix}/{int8}"
+
+
+LAST_EVALUATION = "\n\nLast evaluation"
+
+
+def describe_evaluation(version: str, evaluation: dict[str, Any], metric: str, where: str) -> None:
+    """End version's description with its `metric` per dataset x scale, replacing an earlier evaluation's."""
+    c = client()
+    base = (c.get_model_version(MODEL_NAME, version).description or "").split(LAST_EVALUATION)[0]
+    table = ", ".join(f"{dataset} {scale_tag(scale)} {value:.2f}"
+                      for (dataset, scale), value in sorted(scores(evaluation, metric).items()))
+    c.update_model_version(MODEL_NAME, version, description=f"{base}{LAST_EVALUATION} ({where}), {metric}: {table}.")
 

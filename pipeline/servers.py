@@ -31,6 +31,8 @@ PREFECT_PORT = 4200
 MLFLOW_PORT = 5000
 STARTUP_TIMEOUT = 180.0  # s; a first Prefect start migrates its database, slow on 2 cores
 STOP_TIMEOUT = 20.0  # s between SIGTERM and SIGKILL
+# Deployment names, shown as <flow>/<deployment> (idm-retrain/retrain-and-promote).
+RETRAIN, EVALUATE, PIPELINE = "retrain-and-promote", "rescore-champion", "dvc-repro"
 
 
 def port_is_free(port: int) -> bool:
@@ -124,8 +126,15 @@ def stop_other_children(keep_groups: set[int], timeout: float = STOP_TIMEOUT) ->
 
 
 def start_prefect_server(port: int, log_dir: Path) -> Service:
+    """`prefect server start` on HOST:port, its UI told that same address.
+
+    The UI asks the server (`/ui-settings`) where the API is; Prefect derives that from its
+    settings, not from `--port`, so without these variables a server on another port sends
+    the browser to 127.0.0.1:4200 (or to whatever PREFECT_API_URL names)."""
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
-    service = Service.start("prefect-server", cmd, log_dir)
+    env = {"PREFECT_SERVER_API_HOST": HOST, "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api", "PREFECT_API_URL": f"http://{HOST}:{port}/api"}
+    service = Service.start("prefect-server", cmd, log_dir, env=env)
     service.wait_until_up(f"http://{HOST}:{port}/api/health")
     return service
 
@@ -190,11 +199,11 @@ def deployments(params: Params) -> list[Any]:
 
     s = params.schedules
     return [
-        flows.retrain.to_deployment("scheduled", schedules=[Cron(s.retrain_cron, timezone=s.timezone)],
+        flows.retrain.to_deployment(RETRAIN, schedules=[Cron(s.retrain_cron, timezone=s.timezone)],
                                     description="Retrain, gate and maybe promote a candidate (pipeline.flows.retrain)"),
-        flows.evaluate.to_deployment("scheduled", schedules=[Cron(s.evaluate_cron, timezone=s.timezone)],
+        flows.evaluate.to_deployment(EVALUATE, schedules=[Cron(s.evaluate_cron, timezone=s.timezone)],
                                      description="Re-score the champion, flag regressions (pipeline.flows.evaluate)"),
-        flows.pipeline.to_deployment("manual", description="Run the DVC pipeline, optionally with param overrides"),
+        flows.pipeline.to_deployment(PIPELINE, description="Run the DVC pipeline, optionally with param overrides"),
     ]
 
 

@@ -7,14 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_image_folder
-
+# Under pytest-xdist each worker shares the cores with the others: one thread per process
+# (and per subprocess it starts) unless the caller chose; set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # No test downloads metric weights from the internet; the tests of that code unset this.
 os.environ["IDM_OFFLINE"] = "1"
+
+from tests.helpers import make_image_folder  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

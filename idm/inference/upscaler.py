@@ -7,7 +7,7 @@ Evaluation, the report and the CLI only see `Method`; bicubic is the baseline, a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from idm.diffusion.schedule import schedule_for
 from idm.diffusion.targets import decoder
 from idm.inference.memory import choose_tile, untiled_peak_bytes
 from idm.inference.tiling import tiled_apply, tiled_super_resolve
-from idm.resize import resize_uint8, to_model_range, to_uint8
+from idm.resize import resize_uint8, to_model_range, to_uint8, to_uint16
 
 
 class Method(Protocol):
@@ -101,11 +101,13 @@ class DiffusionSR:
     @torch.inference_mode()
     def upscale(self, lr: np.ndarray, size: tuple[int, int], tile: int | None) -> np.ndarray:
         """`__call__` with the tile given: `tile_for`'s choice (None: in one piece), so a
-        caller that reports how the image was split reports what ran."""
+        caller that reports how the image was split reports what ran. A uint16 `lr` (16-bit
+        file) is used at full precision and gives a uint16 output."""
         x_lr = to_model_range(lr, self.device)
         generator = torch.Generator(self.device).manual_seed(self.sample.seed)
+        out = to_uint16 if lr.dtype == np.uint16 else to_uint8
         if not self.sample.steps:
-            return to_uint8(self._regression(x_lr, size, tile))
+            return out(self._regression(x_lr, size, tile))
         if tile is None:
             s = self.sample
             image = super_resolve(self.model, x_lr, size, self.timesteps, schedule=self.schedule,
@@ -115,7 +117,7 @@ class DiffusionSR:
             image = tiled_super_resolve(self.model, x_lr, size, self.timesteps, schedule=self.schedule,
                                         sample=self.sample, tile=tile, clip_x0=self.clip_x0, decode=self.decode,
                                         generator=generator)
-        return to_uint8(image)
+        return out(image)
 
     def _regression(self, x_lr: torch.Tensor, size: tuple[int, int], tile: int | None) -> torch.Tensor:
         """x_con, the encoder's regression estimate: (1, 3, h, w) -> (1, 3, H, W) in [-1, 1]."""
@@ -146,3 +148,21 @@ class DiffusionSR:
 
         self.model, self.device = load_quantized(path), torch.device("cpu")
         return self
+
+
+def upscale_channels(upscale_rgb: Callable[[np.ndarray], np.ndarray], image: np.ndarray,
+                     size: tuple[int, int]) -> np.ndarray:
+    """Upscale an (h, w) grey, (h, w, 3) RGB or (h, w, 4) RGBA uint8 (or uint16) image to `size`
+    = (H, W), keeping its channels and dtype: colour by `upscale_rgb` ((h, w, 3) -> (H, W, 3)), alpha by
+    bicubic (the models are trained on colour only), grey as RGB and back (the channel mean).
+    ValueError for any other shape."""
+    if image.ndim == 2:
+        rgb = upscale_rgb(np.ascontiguousarray(np.repeat(image[..., None], 3, axis=2)))
+        return np.round(rgb.mean(axis=2)).astype(image.dtype)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected an (h, w), (h, w, 3) or (h, w, 4) image, got shape {tuple(image.shape)}")
+    out = upscale_rgb(np.ascontiguousarray(image[..., :3]))
+    if image.shape[2] == 4:
+        alpha = resize_uint8(np.repeat(image[..., 3:], 3, axis=2), size)[..., :1]
+        out = np.concatenate([out, alpha], axis=2)
+    return out

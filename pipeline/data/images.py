@@ -2,11 +2,13 @@
 
 Pillow does the decoding; this module only normalises modes (greyscale, alpha,
 palette, CMYK, 16-bit) to 8-bit RGB, refuses decompression bombs before decoding,
-and turns every decoding failure into one error that names the file.
+and turns every decoding failure into one error that names the file. 16-bit colour,
+which Pillow cannot hold, is read and written through OpenCV (`read_image_16`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -70,6 +72,12 @@ def decoded_bytes(height: int, width: int) -> int:
     return DECODE_BYTES_PER_PIXEL * height * width
 
 
+def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageReadError(f"{name}: image too large: it declares {width}x{height} pixels, above the "
+                             f"limit of {max_pixels} (a decompression bomb or an oversized input)")
+
+
 def _orientation(img: Image.Image) -> int:
     """The EXIF orientation (1-8) from the header only: Pillow's getexif() decodes a PNG whole."""
     exif = img.info.get("exif")
@@ -102,11 +110,7 @@ def probe_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
-                if width * height > max_pixels:
-                    raise ImageReadError(
-                        f"{path}: image too large: it declares {width}x{height} pixels, above the "
-                        f"limit of {max_pixels} (a decompression bomb or an oversized input)"
-                    )
+                _check_pixels(str(path), width, height, max_pixels)
                 if max_bytes is not None and decoded_bytes(height, width) > max_bytes:
                     raise ImageReadError(f"{path}: decoding its {width}x{height} pixels needs "
                                          f"~{decoded_bytes(height, width) / 2**30:.2f} GiB, above the bound of "
@@ -138,22 +142,72 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     """
     path = Path(path)
     probe_image(path, max_pixels=max_pixels, max_bytes=max_bytes)
+    return _decode(path, str(path), max_pixels, alpha)
+
+
+def decode_image(data: bytes, *, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 alpha: bool = False) -> np.ndarray:
+    """`read_image` for an encoded file held in memory (PNG, JPEG, WebP, ... bytes); errors
+    name it `name`. The pixel count is checked from the header, before decoding."""
+    return _decode(io.BytesIO(data), name, max_pixels, alpha)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, alpha: bool) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
+                _check_pixels(name, img.width, img.height, max_pixels)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 arr = _to_rgb8(img, alpha)
+    except ImageReadError:
+        raise
     except Image.DecompressionBombError as err:
-        raise ImageReadError(f"{path}: image too large: {err}") from None
+        raise ImageReadError(f"{name}: image too large: {err}") from None
     except FileNotFoundError:
-        raise ImageReadError(f"{path}: no such file") from None
+        raise ImageReadError(f"{name}: no such file") from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageReadError(f"{path}: not a readable image ({err})") from None
+        raise ImageReadError(f"{name}: not a readable image ({err})") from None
     if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageReadError(f"{path}: image has no pixels")
+        raise ImageReadError(f"{name}: image has no pixels")
     return arr
+
+
+def bit_depth(path: str | os.PathLike) -> int:
+    """16 if the file stores 16 bits per channel (a PNG's IHDR, a TIFF's BitsPerSample, Pillow's
+    16-bit grey modes), else 8; from the header. Pillow decodes 16-bit colour to 8 bits, so
+    such files are read with `read_image_16`."""
+    with Image.open(path) as img:
+        if img.mode.startswith("I;16"):
+            return 16
+        if img.format == "PNG":
+            with open(path, "rb") as f:
+                return 16 if f.read(25)[24:25] == b"\x10" else 8  # IHDR: 8 signature + 16 bytes, then bit depth
+        if img.format == "TIFF":
+            return 16 if max(img.tag_v2.get(258, (8,))) == 16 else 8
+    return 8
+
+
+def read_image_16(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  max_bytes: int | None = None) -> np.ndarray:
+    """A 16-bit PNG or TIFF (see `bit_depth`) as (H, W, 3) RGB or (H, W, 4) RGBA uint16 (grey
+    becomes RGB), checked by `probe_image` first. EXIF rotation is not applied. ImageReadError
+    naming the file if it cannot be decoded or is not 16-bit."""
+    import cv2  # Pillow cannot decode 16-bit colour
+
+    probe_image(path, max_pixels=max_pixels, max_bytes=None if max_bytes is None else max_bytes // 2)
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.dtype != np.uint16:
+        raise ImageReadError(f"{path}: not a readable 16-bit image")
+    if arr.ndim == 2:
+        return np.repeat(arr[..., None], 3, axis=2)
+    return np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[2]]])  # OpenCV's BGR(A) -> RGB(A)
+
+
+def to_8_bit(img: np.ndarray) -> np.ndarray:
+    """A uint16 array scaled to uint8 (x * 255 / 65535, rounded)."""
+    return ((img.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 _WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -163,15 +217,28 @@ def write_image(path: str | os.PathLike, img: np.ndarray, *, compress_level: int
     """Write an (H, W, 3), (H, W, 4) RGBA or (H, W) uint8 array atomically, as PNG, JPEG or
     WebP by the path's suffix. `compress_level` is PNG's zlib level, 0-9: PIL's default 6 for
     the pipeline's files, lower for `idm upscale`'s outputs (faster); `quality` is JPEG's and
-    WebP's (lossy). ValueError for another suffix, or alpha to JPEG."""
-    if img.dtype != np.uint8:
-        raise TypeError(f"write_image expects uint8, got {img.dtype}")
+    WebP's (lossy). A uint16 array is written as a 16-bit PNG. ValueError for another suffix,
+    alpha to JPEG, or 16 bits to anything but PNG."""
+    if img.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"write_image expects uint8 or uint16, got {img.dtype}")
     fmt = _WRITE_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: cannot write {Path(path).suffix or 'a file without a suffix'}; "
                          f"use {', '.join(_WRITE_FORMATS)}")
     if fmt == "JPEG" and img.ndim == 3 and img.shape[2] == 4:
         raise ValueError(f"{path}: JPEG has no alpha channel")
+    if img.dtype == np.uint16:
+        if fmt != "PNG":
+            raise ValueError(f"{path}: 16-bit images are written as PNG only")
+        import cv2  # Pillow cannot encode 16-bit colour
+
+        bgr = img if img.ndim == 2 else img[..., [2, 1, 0, 3][: img.shape[2]]]
+        ok, data = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
+        if not ok:
+            raise ValueError(f"{path}: OpenCV could not encode a {img.shape} image")
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(data.tobytes())
+        return
     options = {"compress_level": compress_level} if fmt == "PNG" else {"quality": quality}
     with atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format=fmt, **options)

@@ -95,6 +95,18 @@ def trained_model_tags(checkpoint: Path, params: Params) -> dict[str, str]:
     return {"train_run_id": info["run_id"], "model_version": str(info["version"])}
 
 
+def describe_versions(numbers: dict, checkpoint: Path, metric: str) -> None:
+    """Write the `idm` and `idm-int8` scores into their registered versions' descriptions."""
+    from pipeline import registry
+
+    records = {"idm": checkpoint.parent / "registered.json",
+               "idm-int8": checkpoint.parent.parent / "idm-int8" / "registered.json"}
+    for method, record in records.items():
+        if method in numbers and record.is_file():
+            version = str(json.loads(record.read_text())["version"])
+            registry.describe_evaluation(version, {"metrics": numbers[method]}, metric, "evaluate stage")
+
+
 @dataclasses.dataclass
 class Scorers:
     """The optional metrics that could be set up, and why the others are unavailable."""
@@ -238,6 +250,8 @@ def main() -> None:
         write_outputs(table, per_image, numbers, unavailable, args, reports)
     extra_tags = {"model_uri": args.model_uri} if args.model_uri else trained_model_tags(args.checkpoint, params)
     log_to_mlflow(params, table, numbers, unavailable, args.scales, extra_tags)
+    if not args.model_uri:
+        describe_versions(numbers, args.checkpoint, params.promotion.metric)
     for key, reason in unavailable.items():
         print(f"unavailable: {key}: {reason}")
 

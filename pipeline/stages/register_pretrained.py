@@ -35,7 +35,10 @@ def register(out: Path) -> dict:
     else:
         with stage_run("register_pretrained", tags={"source": "pretrained"}):
             version = log_and_register(path, tags={"source": "pretrained", "sha256": record["sha256"],
-                                                   "steps": str(record["steps"])})
+                                                   "steps": str(record["steps"])},
+                                       description=f"The weights shipped in the package (idm/weights, sha256 "
+                                                   f"{record['sha256'][:12]}), {record['steps']} steps of "
+                                                   "`make pretrain` (recipes/pretrain.yaml); see MODEL_CARD.md.")
     client.set_registered_model_alias(MODEL_NAME, ALIAS, version)
     result = {"model_name": MODEL_NAME, "version": version, "alias": ALIAS, "sha256": record["sha256"]}
     with atomic_path(out) as tmp:

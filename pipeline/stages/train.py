@@ -202,6 +202,16 @@ def launch_processes(processes: int, threads: int) -> int:
         raise
 
 
+def recipe_description(params: Params, n_params: int, n_images: int) -> str:
+    """What a registered version was trained on and how, in one paragraph (its full params are on its run)."""
+    t, m = params.train, params.model
+    data = ", ".join(f"{d.name} ({d.source})" for d in params.datasets if d.test_fraction < 1)
+    return (f"Float32 EMA model, {n_params:,} parameters (UNet base width {m.base_channels}, encoder "
+            f"{m.encoder_blocks} blocks of {m.encoder_channels}), trained by the train stage: {t.steps} steps "
+            f"of batch {t.batch_size}, HR patches {t.patch_size} px, scales {t.scale_min:g}-{t.scale_max:g}, "
+            f"target {t.target}, on {n_images} training images of {data}.")
+
+
 def train_and_register(params: Params, images: list[np.ndarray], device: torch.device, out: Path, inputs: str, *,
                        alias: str = "candidate") -> None:
     """Rank 0: train inside an MLflow run, then register the EMA model as a new `idm` version with `alias`.
@@ -224,7 +234,8 @@ def train_and_register(params: Params, images: list[np.ndarray], device: torch.d
             tmp.write_text(json.dumps({"step": int(summary["steps"]), "inputs": inputs}) + "\n")
         mlflow.log_metrics({f"train_{k}": float(v) for k, v in summary.items()})
         n_params = export_inference(ckpt_path, out / "model.pt")
-        version = log_and_register(out / "model.pt", tags={"n_params": str(n_params), "target": params.train.target})
+        version = log_and_register(out / "model.pt", tags={"n_params": str(n_params), "target": params.train.target},
+                                   description=recipe_description(params, n_params, len(images)))
         mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, alias, version)
         record = {"run_id": active.info.run_id, "model_name": MODEL_NAME, "version": version}
     with atomic_path(out / "registered.json") as tmp:

@@ -75,3 +75,16 @@ def test_resize_shapes_and_identity():
         resize(x.to(torch.uint8), (4, 4))
     with pytest.raises(ValueError, match="at least 1x1"):
         resize(x, (0, 4))
+
+
+def test_16_bit_arrays_keep_their_precision_through_the_model_range_and_resize():
+    from idm.resize import to_model_range, to_uint16
+
+    deep = np.array([[[0, 1, 65535], [32768, 257, 12345]]], np.uint16)
+    x = to_model_range(deep)
+    assert x.shape == (1, 3, 1, 2) and float(x.min()) == -1.0 and float(x.max()) == 1.0
+    np.testing.assert_array_equal(to_uint16(x), deep)  # exact round trip, all 65536 levels kept
+    up = resize_uint8(np.repeat(np.repeat(deep, 4, axis=0), 4, axis=1), (8, 16))
+    assert up.dtype == np.uint16 and up.shape == (8, 16, 3)
+    eight = resize_uint8((deep // 257).astype(np.uint8).repeat(4, 0).repeat(4, 1), (8, 16))
+    assert np.abs(up.astype(int) / 257 - eight).max() <= 1  # the same filter at both depths

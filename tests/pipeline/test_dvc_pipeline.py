@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import TINY, fabricated_weights
+from tests.helpers import TINY, fabricated_weights, photo, stage_store_client
 from tests.pipeline.data.test_fetch import send, server  # noqa: F401 (server is a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,7 +152,25 @@ def test_dvc_repro_runs_every_stage_then_is_up_to_date(project, server, tmp_path
     assert "NIQE's minimum" in unavailable["niqe.tiny.x2"]  # the test images are under 96 px
     report = json.loads((project / "models" / "idm-int8" / "report.json").read_text())
     assert report["int8_bytes"] < report["fp32_bytes"]
-    assert (project / "models" / "idm" / "registered.json").exists()
+    # The registry: the int8 version has the candidate's alias plus -int8, and every version
+    # says what it is; `idm upscale --int8` finds the int8 model from the candidate's URI.
+    client = stage_store_client()
+    fp32 = json.loads((project / "models" / "idm" / "registered.json").read_text())["version"]
+    int8 = json.loads((project / "models" / "idm-int8" / "registered.json").read_text())["version"]
+    assert str(client.get_model_version_by_alias("idm", "candidate-int8").version) == int8
+    assert client.get_model_version("idm", int8).tags["fp32_version"] == fp32
+    described = client.get_model_version("idm", fp32).description
+    assert f"{params['train']['steps']} steps of batch {params['train']['batch_size']}" in described
+    assert f"Last evaluation (evaluate stage), psnr_y: tiny x2 {numbers['idm']['psnr_y.tiny.x2']:.2f}, " in described
+    assert client.get_model_version("idm", int8).description.startswith(f"Int8 post-training quantization "
+                                                                        f"(training-free) of the denoiser of version {fp32};")
+    assert "candidate-int8" in client.get_registered_model("idm").description
+    from pipeline import cli
+
+    Image.fromarray(photo(12, 10, 0)).save(tmp_path / "lr.png")
+    cli.main(["upscale", str(tmp_path / "lr.png"), "--scale", "2", "--model", "models:/idm@candidate", "--int8",
+              "--steps", "1", "--out", str(tmp_path / "up.png")])
+    assert Image.open(tmp_path / "up.png").size == (20, 24)
     assert numbers["bicubic"]["psnr_y.tiny.x2"] > numbers["bicubic"]["psnr_y.tiny.x4"] > 15
     assert (project / "reports" / "report.md").read_text().startswith("# IDM evaluation report")
     assert (project / "dvc.lock").exists()

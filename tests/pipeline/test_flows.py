@@ -255,7 +255,9 @@ def test_a_train_stage_crashing_after_registering_leaves_the_champion(train_proj
 # --- evaluate -----------------------------------------------------------------------------------
 
 def test_evaluate_flags_a_drop_of_the_champion_beyond_the_tolerance(train_project):
-    assert flows.evaluate(project=str(train_project), evaluator=fake_evaluator())["champion"] is None
+    # With no champion the run fails, with the reason, instead of completing having done nothing.
+    state = flows.evaluate(project=str(train_project), evaluator=fake_evaluator(), return_state=True)
+    assert state.is_failed() and "has the alias 'champion': nothing to evaluate" in state.message
     register_fake_model(30.0, alias=CHAMPION)
 
     steady = flows.evaluate(project=str(train_project), evaluator=fake_evaluator())

@@ -1,19 +1,34 @@
-"""The registered pyfunc model: loads once, samples with per-call settings, matches DiffusionSR."""
+"""The registered pyfunc model: loads once, samples with per-call settings, matches DiffusionSR;
+takes arrays, batches and encoded files; is served by a real `mlflow models serve` as the README says."""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
 from idm.config import DiffusionConfig, ModelConfig, SampleConfig, TrainConfig
 from idm.inference.upscaler import DiffusionSR
 from idm.train import fit
 from pipeline import tracking
-from pipeline.mlflow_model import SAMPLE, log_and_register
+from pipeline.mlflow_model import SAMPLE, BadInput, log_and_register
 from tests.helpers import photo
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = ModelConfig(encoder_blocks=1, encoder_channels=8, base_channels=8, channel_mults=(1, 2), res_blocks=1,
                    attention_levels=(), norm_groups=4, implicit_hidden=16, modulation_hidden=8, dropout=0.0,
@@ -53,7 +68,7 @@ def test_pyfunc_predicts_what_diffusion_sr_gives(registered, monkeypatch: pytest
     np.testing.assert_array_equal(out, reference)
     np.testing.assert_array_equal(out, again)
     assert not np.array_equal(out, other_seed)
-    with pytest.raises(ValueError, match="temperature must be a number in"):
+    with pytest.raises(BadInput, match="temperature must be a number in"):
         model.predict(lr, params={"scale": 2.0, "temperature": 2.0})
 
 
@@ -62,3 +77,135 @@ def test_a_missing_alias_says_which_aliases_the_pipeline_sets(registered, tmp_pa
 
     with pytest.raises(ValueError, match=r"alias no-such-alias not found; .* try models:/idm@candidate"):
         checkpoint_from_uri("models:/idm@no-such-alias", tmp_path / "dl")
+
+
+def png_b64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decoded(text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+def test_pyfunc_takes_batches_grey_rgba_and_encoded_files(registered) -> None:
+    ckpt, version = registered
+    model = mlflow.pyfunc.load_model(f"models:/idm/{version}")
+    settings = {"scale": 2.0, "steps": 2}
+    one, other = photo(10, 12, 3), photo(10, 12, 4)
+    single = model.predict(one, params=settings)
+    batch = model.predict(np.stack([one, other]).astype(np.int64), params=settings)  # JSON gives int64
+    assert batch.shape == (2, 20, 24, 3) and batch.dtype == np.uint8
+    np.testing.assert_array_equal(batch[0], single)
+
+    grey = model.predict(one[..., 0], params=settings)
+    assert grey.shape == (20, 24) and grey.dtype == np.uint8
+    rgba = np.dstack([one, np.full((10, 12), 128, np.uint8)])
+    out = model.predict(rgba, params=settings)
+    np.testing.assert_array_equal(out[..., :3], single)  # colour by the model, alpha beside it
+    assert out.shape == (20, 24, 4) and np.all(out[..., 3] == 128)
+
+    files = pd.DataFrame({"image": [png_b64(rgba), png_b64(photo(8, 6, 1)[..., 0])]})
+    answer = model.predict(files, params=settings)
+    first, second = decoded(answer.image[0]), decoded(answer.image[1])
+    assert (first.mode, first.size, second.mode, second.size) == ("RGBA", (24, 20), "RGB", (12, 16))
+    np.testing.assert_array_equal(np.asarray(first), out)
+
+
+@pytest.mark.parametrize("model_input, params, reason", [
+    ("photo", {"scale": 0.5}, "scale must be a finite number > 1, got 0.5"),
+    ("photo", {"scale": 2.0, "steps": 10**6}, "steps must be an integer in [0, 100]"),
+    (np.full((4, 4, 3), 300), {}, "pixel values must be integers in [0, 255], got values in [300, 300]"),
+    (np.zeros((2, 2, 2, 2, 3)), {}, "expected an (h, w), (h, w, 3), (h, w, 4) or (n, h, w, c) image array"),
+    (pd.DataFrame({"image": ["not base64!"]}), {}, "image[0] is not base64"),
+    (pd.DataFrame({"image": [base64.b64encode(b"GIF89a broken").decode()]}), {}, "image[0]: not a readable image"),
+    (pd.DataFrame({"picture": ["x"]}), {}, "expected a column 'image' of base64-encoded image files"),
+])
+def test_bad_input_is_one_line_that_names_the_problem(registered, model_input, params, reason) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/idm/{registered[1]}")
+    model_input = photo(6, 6, 0) if isinstance(model_input, str) else model_input
+    with pytest.raises(BadInput) as caught:
+        model.predict(model_input, params=params)
+    assert caught.value.message.startswith(reason) and "\n" not in caught.value.message
+    caught.value.message = f"Failed to predict data '{model_input}'. Error: ..."  # what the server does
+    assert caught.value.message.startswith(reason)  # ... and the reason stays alone
+
+
+def readme_serving_example() -> tuple[str, str]:
+    """The README's `mlflow models serve` + `curl` block: (the server's lines, the client's)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- serving-example")[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    server, client = block.split("# wait until", 1)
+    return server, client.split("\n", 1)[1]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_readme_serving_example_runs_against_mlflow_models_serve(registered, tmp_path: Path) -> None:
+    from pipeline.servers import free_port
+
+    port, version = free_port(), registered[1]
+    server, client = readme_serving_example()
+
+    def adapt(lines: str) -> str:  # this test's store, model, port and venv
+        lines = lines.replace("sqlite:///$PWD/mlflow.db", os.environ["MLFLOW_TRACKING_URI"])
+        return lines.replace("models:/idm@candidate", f"models:/idm/{version}").replace(
+            "5002", str(port)).replace("$PWD/.venv/bin", str(Path(sys.executable).parent))
+
+    lr = photo(16, 20, 2)
+    Image.fromarray(lr).save(tmp_path / "photo.png")
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(["bash", "-c", adapt(server) + "\nwait"], cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow models serve never answered /ping"
+            time.sleep(1)
+        done = subprocess.run(["bash", "-c", adapt(client)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        served = np.asarray(Image.open(tmp_path / "photo_x2.5.png"))
+        assert served.shape == (40, 50, 3)
+        model = mlflow.pyfunc.load_model(f"models:/idm/{version}")
+        here = model.predict(lr, params={"scale": 2.5})
+        assert np.abs(served.astype(int) - here).max() <= 1  # same model and seed; float order may differ
+
+        url = f"http://127.0.0.1:{port}/invocations"
+        status, body = post(url, {"inputs": np.stack([lr, lr]).tolist(), "params": {"scale": 2, "steps": 1}})
+        assert status == 200 and np.asarray(body["predictions"]).shape == (2, 32, 40, 3)
+        for request, reason in [
+            ({"dataframe_records": [{"image": png_b64(lr)}], "params": {"scale": 0.5}},
+             "scale must be a finite number > 1, got 0.5"),
+            ({"inputs": np.full((8, 8, 3), 300).tolist()}, "pixel values must be integers in [0, 255]"),
+            ({"dataframe_records": [{"image": base64.b64encode(b"no image").decode()}]},
+             "image[0]: not a readable image"),
+        ]:
+            status, body = post(url, request)
+            assert status == 400 and body["message"].startswith(reason), body
+            assert "\n" not in body["message"] and len(body["message"]) < 300
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

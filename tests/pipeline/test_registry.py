@@ -153,3 +153,40 @@ def test_last_evaluation_is_the_latest_run_of_that_version(mlflow_store):
     latest = registry.log_evaluation("1", "champion", evaluation(1.0), flow="retrain", pipeline_run="c")
     found = registry.last_evaluation("1")
     assert found["run_id"] == latest and found["metrics"]["psnr_y.Set5.x2"] == 34.0
+
+
+def test_int8_versions_follow_their_float32_aliases_and_are_found_from_them(mlflow_store):
+    fp32 = register_fake_model(30.0, alias=registry.CANDIDATE)
+    int8 = register_fake_model(30.0)
+    c = registry.client()  # on this test's store
+    c.set_model_version_tag("idm", int8, "quantization", "int8")
+    c.set_model_version_tag("idm", int8, "fp32_version", fp32)
+    plain = register_fake_model(31.0)  # never quantized
+
+    assert registry.mirror_aliases_to_int8(fp32, int8) == ["candidate-int8"]
+    assert registry.version_by_alias("candidate-int8") == int8
+    assert registry.int8_of(fp32) == int8 and registry.int8_of(plain) is None
+    assert registry.int8_uri("models:/idm@candidate") == f"models:/idm/{int8}"
+    assert registry.int8_uri(f"models:/idm/{fp32}") == f"models:/idm/{int8}"
+    assert registry.int8_uri("models:/idm@candidate-int8") == "models:/idm@candidate-int8"  # already int8
+    assert registry.int8_uri("runs:/abc/model") == "runs:/abc/model"  # outside the registry: as given
+    assert registry.int8_uri("models:/idm@no-such") == "models:/idm@no-such"  # loading it explains
+    with pytest.raises(ValueError, match=f"version {plain}, and no int8 version was quantized from it"):
+        registry.int8_uri(f"models:/idm/{plain}")
+
+    # Promotion moves champion-int8 with champion, and drops it for a champion that has no int8.
+    registry.record_decision(fp32, decide(evaluation(), None, GATE), champion=None, pipeline_run="p1")
+    assert registry.version_by_alias("champion-int8") == int8
+    registry.record_decision(plain, decide(evaluation(1.0), evaluation(), GATE), champion=fp32, pipeline_run="p2")
+    assert registry.version_by_alias(CHAMPION) == plain and registry.version_by_alias("champion-int8") is None
+
+
+def test_an_evaluation_replaces_the_last_one_in_a_version_description(mlflow_store):
+    version = register_fake_model(30.0)
+    c = registry.client()
+    c.update_model_version("idm", version, description="Float32 EMA model, 6 steps.")
+    registry.describe_evaluation(version, evaluation(), "psnr_y", "evaluate stage")
+    registry.describe_evaluation(version, evaluation(1.0, datasets=("Set5",)), "psnr_y", "evaluate stage")
+    assert c.get_model_version("idm", version).description == (
+        "Float32 EMA model, 6 steps.\n\nLast evaluation (evaluate stage), psnr_y: "
+        "Set5 x2 34.00, Set5 x3 31.00, Set5 x4 29.00, Set5 x8 25.00.")

@@ -30,7 +30,9 @@ def tick() -> str:
     return "tock"
 """
 
-# serve.main plus deployment `tick`, scheduled once, a few seconds after serving starts.
+# serve.main plus deployment `tick`, every 20 s from a few seconds after serving starts: on a
+# busy machine registering the deployment can take longer than the first slot, so one slot
+# alone (the first version of this test) could leave nothing scheduled for an hour.
 SERVE_WITH_TICK = """
 import sys
 from datetime import datetime, timedelta, timezone
@@ -44,7 +46,7 @@ def tick_deployment():
     from tick import tick
 
     soon = datetime.now(timezone.utc) + timedelta(seconds=5)
-    return [tick.to_deployment("tick-soon", schedules=[Interval(timedelta(hours=1), anchor_date=soon)])]
+    return [tick.to_deployment("tick-soon", schedules=[Interval(timedelta(seconds=20), anchor_date=soon)])]
 
 
 sys.exit(serve.main(sys.argv[1:], extra_deployments=tick_deployment))
@@ -76,7 +78,7 @@ def wait_for(check, timeout: float, what: str, proc: subprocess.Popen, log: Path
 def test_deployments_carry_the_cron_schedules_of_params():
     params = load(ROOT / "params.yaml")
     retrain, evaluate, pipeline = serve.deployments(params)
-    assert (retrain.name, evaluate.name, pipeline.name) == ("scheduled", "scheduled", "manual")
+    assert (retrain.name, evaluate.name, pipeline.name) == ("retrain-and-promote", "rescore-champion", "dvc-repro")
     expected = params.schedules
     assert retrain.schedules[0].schedule.cron == expected.retrain_cron
     assert evaluate.schedules[0].schedule.cron == expected.evaluate_cron
@@ -85,7 +87,7 @@ def test_deployments_carry_the_cron_schedules_of_params():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_serve_runs_a_scheduled_flow_and_stops_without_orphans(tmp_path, mlflow_store):
     prefect_port, mlflow_port = serve.free_port(), serve.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
@@ -99,15 +101,18 @@ def test_serve_runs_a_scheduled_flow_and_stops_without_orphans(tmp_path, mlflow_
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{prefect_port}/api"
-        wanted = {"scheduled", "manual", "tick-soon"}
+        wanted = {serve.RETRAIN, serve.EVALUATE, serve.PIPELINE, "tick-soon"}
         wait_for(lambda: wanted <= {d["name"] for d in api(f"{base}/deployments/filter")}, 150, "deployments", proc, log)
         crons = {d["schedules"][0]["schedule"].get("cron") for d in api(f"{base}/deployments/filter") if d["schedules"]}
         schedules = load(ROOT / "params.yaml").schedules
         assert {schedules.retrain_cron, schedules.evaluate_cron} <= crons
+        # The UI in a browser asks this for the API's address: the server's own port, not 4200.
+        with urllib.request.urlopen(f"http://127.0.0.1:{prefect_port}/ui-settings", timeout=10) as response:
+            assert json.loads(response.read())["api_url"] == base
 
         completed = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
                      "deployments": {"name": {"any_": ["tick-soon"]}}}
-        wait_for(lambda: api(f"{base}/flow_runs/filter", completed), 60, "completed scheduled run of tick", proc, log)
+        wait_for(lambda: api(f"{base}/flow_runs/filter", completed), 120, "completed scheduled run of tick", proc, log)
         with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=10) as response:
             assert response.status == 200
 

@@ -123,3 +123,33 @@ def test_alpha_is_kept_on_request_and_formats_follow_the_suffix(tmp_path):
         write_image(tmp_path / "o.bmp", photo(6, 7))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "alpha.webp", "o.JPEG", "o.jpg", "o.png", "o.webp",
                                                           "rgb.png"]
+
+
+def test_16_bit_colour_is_read_and_written_at_16_bits(tmp_path):
+    import cv2
+    import tifffile
+
+    from pipeline.data.images import bit_depth, read_image_16, to_8_bit
+
+    deep = ((photo(6, 7).astype(np.int64) * 257 + np.arange(42).reshape(6, 7, 1)) % 65536).astype(np.uint16)
+    rgba = np.dstack([deep, np.full((6, 7), 40000, np.uint16)])
+    cv2.imwrite(str(tmp_path / "rgb48.png"), deep[..., ::-1])  # OpenCV writes BGR
+    cv2.imwrite(str(tmp_path / "rgba64.png"), rgba[..., [2, 1, 0, 3]])
+    tifffile.imwrite(tmp_path / "rgb48.tif", deep)
+    Image.fromarray(photo(6, 7)).save(tmp_path / "rgb24.png")
+    Image.fromarray(deep[..., 0]).save(tmp_path / "grey16.png")  # Pillow's I;16
+    assert [bit_depth(tmp_path / n) for n in ("rgb48.png", "rgba64.png", "rgb48.tif", "rgb24.png", "grey16.png")] \
+        == [16, 16, 16, 8, 16]
+    np.testing.assert_array_equal(read_image_16(tmp_path / "rgb48.png"), deep)
+    np.testing.assert_array_equal(read_image_16(tmp_path / "rgb48.tif"), deep)
+    np.testing.assert_array_equal(read_image_16(tmp_path / "rgba64.png"), rgba)
+    np.testing.assert_array_equal(read_image_16(tmp_path / "grey16.png"), np.repeat(deep[..., :1], 3, axis=2))
+    assert read_image(tmp_path / "rgb48.png").dtype == np.uint8  # Pillow's 8-bit view, as before
+    with pytest.raises(ImageReadError, match="rgb24.png: not a readable 16-bit image"):
+        read_image_16(tmp_path / "rgb24.png")
+
+    write_image(tmp_path / "out.png", rgba)
+    np.testing.assert_array_equal(read_image_16(tmp_path / "out.png"), rgba)
+    with pytest.raises(ValueError, match="16-bit images are written as PNG only"):
+        write_image(tmp_path / "out.jpg", deep)
+    assert to_8_bit(np.array([0, 128, 257, 65535], np.uint16)).tolist() == [0, 0, 1, 255]
