@@ -181,7 +181,10 @@ class DiffusionConfig:
 
 
 # Train settings that may change when a run is resumed: none of them alters the weights.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "sample_every")
+# Keys a run may change when it resumes. The batches do not depend on `workers` (idm.data),
+# and the float32 master weights do not depend on `precision` or `compile`.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "sample_every", "workers", "precision", "compile")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,14 @@ class TrainConfig:
     # > 0: x_con's loss on this many random HR pixels of the whole patch per sample (LIIF:
     # 48 x 48), so every LR pixel's features get a gradient; needs ModelConfig.decoder_hidden > 0.
     condition_points: int = 0
+    # DataLoader worker processes making the batches (idm.data.batches); 0: the training process.
+    workers: int = 0
+    # auto: bfloat16 autocast on CUDA, float32 elsewhere (bench/README.md, "Training input and
+    # precision"); weights, optimiser state and EMA stay float32 either way.
+    precision: str = "auto"
+    # torch.compile the training objective: pays only when a run is long enough to repay the
+    # compile time (bench/README.md, "Training input and precision").
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name, least in (("steps", 1), ("batch_size", 1), ("patch_size", 2), ("checkpoint_every", 0),
@@ -230,9 +241,11 @@ class TrainConfig:
                self.residual_scale)
         _check(self.target in TARGETS, "target", f"one of {sorted(TARGETS)}", self.target)
         _check(isinstance(self.flips, bool), "flips", "True or False", self.flips)
+        _check(isinstance(self.compile, bool), "compile", "True or False", self.compile)
         _check(_is_number(self.condition_loss) and self.condition_loss >= 0, "condition_loss", "a number >= 0",
                self.condition_loss)
-        for name in ("lr_patch", "unet_patch", "condition_points"):
+        _check(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}", self.precision)
+        for name in ("lr_patch", "unet_patch", "condition_points", "workers"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 0, name, "an integer >= 0 (0: off)", value)
         _check(not self.unet_patch or self.target != "residual", "unet_patch",

@@ -1,11 +1,12 @@
-"""Training IDM: continuous-scale LR/HR batches, EMA, a step-based fit loop, DDP.
+"""Training IDM: EMA, a step-based fit loop, DDP, bfloat16 autocast.
 
 `fit` trains from a list of HR images (the caller loads the files) and reports
-through hooks, so this library never imports a tracking tool. Every random draw of
-the data and the noise comes from one explicit torch.Generator whose state goes into
-the checkpoint with the others (dropout, numpy, Python), so a resumed run reaches
-exactly the weights of an uninterrupted one. Under `torchrun`, the same `fit` trains
-with DistributedDataParallel after `setup_distributed()`.
+through hooks, so this library never imports a tracking tool. Each step's batch is
+drawn from its own seed (idm.data), by the training process or by DataLoader workers;
+every other random draw (noise, crops, dropout) comes from generators whose states go
+into the checkpoint, so a resumed run reaches exactly the weights of an uninterrupted
+one, with any number of workers. Under `torchrun`, the same `fit` trains with
+DistributedDataParallel after `setup_distributed()`.
 """
 
 from __future__ import annotations
@@ -35,72 +36,18 @@ from idm.checkpoint import (
     set_rng_state,
 )
 from idm.config import RESUMABLE_CHANGES, DiffusionConfig, ModelConfig, TrainConfig
+from idm.data import (
+    DecodedImages,
+    TrainBatches,
+    batches,
+    hr_patch_side,
+    rand_int,
+    training_images,
+)
 from idm.diffusion.loss import training_loss
 from idm.diffusion.schedule import Schedule, schedule_for
 from idm.diffusion.targets import encode
 from idm.models import IDM
-from idm.resize import resize
-
-# ---------------------------------------------------------------- data
-
-
-def hr_patch_side(cfg: TrainConfig) -> int:
-    """The largest HR patch side `make_batch` draws: every training image needs at least this."""
-    return max(1, round(cfg.lr_patch * cfg.scale_max)) if cfg.lr_patch else cfg.patch_size
-
-
-def training_images(images: Sequence[np.ndarray], patch_size: int) -> list[Tensor]:
-    """(H, W, 3) uint8 arrays -> (3, H, W) uint8 tensors, keeping those with both sides >= patch_size.
-
-    Raises ValueError if no image is large enough.
-    """
-    kept = []
-    for i, img in enumerate(images):
-        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"training image {i} must be an (H, W, 3) uint8 array, got {img.dtype} {img.shape}")
-        if min(img.shape[:2]) >= patch_size:
-            kept.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
-    if not kept:
-        sides = sorted({min(img.shape[:2]) for img in images}, reverse=True)
-        raise ValueError(f"no training image is at least {patch_size}x{patch_size} px (patch_size); "
-                         f"shortest sides: {sides[:5] or 'no images'}")
-    return kept
-
-
-def _rand_int(high: int, generator: torch.Generator) -> int:
-    """Uniform in [0, high)."""
-    return int(torch.randint(high, (), generator=generator))
-
-
-def make_batch(images: Sequence[Tensor], cfg: TrainConfig, generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
-    """One continuous-scale training batch (LIIF protocol), drawn with `generator` only.
-
-    images: (3, H, W) uint8 tensors from `training_images`. A scale s ~ U(scale_min,
-    scale_max) for the whole batch; per sample a random P x P crop of a random image,
-    randomly flipped. P = patch_size and the LR side p = round(P / s); or, with
-    lr_patch > 0, p = lr_patch and P = round(p * s) (LIIF's protocol, which keeps the
-    encoder's input large at every scale). The LR patch is `resize`d and rounded to 8
-    bits, exactly as the prepare stage makes its LR images.
-    Returns hr (B, 3, P, P), lr (B, 3, p, p), both in [-1, 1], and s.
-    """
-    scale = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * float(
-        torch.rand((), generator=generator, dtype=torch.float64))
-    p = max(1, round(cfg.lr_patch * scale)) if cfg.lr_patch else cfg.patch_size
-    patches = []
-    for _ in range(cfg.batch_size):
-        img = images[_rand_int(len(images), generator)]
-        top, left = _rand_int(img.shape[1] - p + 1, generator), _rand_int(img.shape[2] - p + 1, generator)
-        patch = img[:, top : top + p, left : left + p]
-        if cfg.flips:
-            for dim in (2, 1):  # horizontal, then vertical
-                if torch.rand((), generator=generator) < 0.5:
-                    patch = patch.flip(dim)
-        patches.append(patch)
-    hr = torch.stack(patches).float()  # [0, 255]
-    lr_side = cfg.lr_patch or max(1, round(p / scale))
-    lr = resize(hr, (lr_side, lr_side)).round_().clamp_(0, 255)
-    return hr / 127.5 - 1, lr / 127.5 - 1, scale
-
 
 # ---------------------------------------------------------------- model side
 
@@ -148,8 +95,8 @@ class Objective(nn.Module):
         side = self.cfg.unet_patch
         if side and max(hr.shape[-2:]) > side:  # x_con and the denoiser on one random crop
             height, width = min(side, hr.shape[-2]), min(side, hr.shape[-1])
-            top = _rand_int(hr.shape[-2] - height + 1, generator)
-            left = _rand_int(hr.shape[-1] - width + 1, generator)
+            top = rand_int(hr.shape[-2] - height + 1, generator)
+            left = rand_int(hr.shape[-1] - width + 1, generator)
             window = (top, left, height, width)
             hr_full, hr = hr.shape[-2:], hr[..., top : top + height, left : left + width]
         features = self.model.encoder.features(lr)  # once, for the crop and the point loss
@@ -232,6 +179,7 @@ class _Run:
     rank: int
     world: int
     configs: tuple[ModelConfig, DiffusionConfig, TrainConfig]
+    bf16: bool = False  # the forward pass under bfloat16 autocast
 
 
 def _build_run(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig,
@@ -239,15 +187,18 @@ def _build_run(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: Trai
     rank, world = _rank_and_world()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = IDM(model_cfg).to(device).train()
-    generator = torch.Generator().manual_seed(cfg.seed + rank)  # different data per rank
+    generator = torch.Generator().manual_seed(cfg.seed + rank)  # noise and crops, per rank (batches: idm.data)
     torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))  # dropout, per rank
     schedule = schedule_for(diffusion_cfg)
     objective: nn.Module = Objective(model, schedule, cfg, diffusion_cfg.loss)
     if world > 1:
         objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:  # the weights stay those of `model`, so checkpoints do not change
+        objective = torch.compile(objective)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and device.type == "cuda")
     return _Run(model, objective, optimizer, EMA(model, cfg.ema_decay), generator, device, rank, world,
-                (model_cfg, diffusion_cfg, cfg))
+                (model_cfg, diffusion_cfg, cfg), bf16)
 
 
 def _resume(run: _Run, path: Path) -> int:
@@ -286,7 +237,8 @@ def _save(run: _Run, path: Path, step: int) -> None:
 def _train_step(run: _Run, hr: Tensor, lr: Tensor, grad_clip: float) -> tuple[Tensor, Tensor]:
     """One optimiser step on a batch; returns (loss, gradient norm before clipping), detached."""
     run.optimizer.zero_grad(set_to_none=True)
-    loss = run.objective(hr, lr, run.generator)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
+        loss = run.objective(hr, lr, run.generator).float()
     loss.backward()  # DDP averages the gradients across ranks here
     norm = nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     run.optimizer.step()
@@ -311,32 +263,40 @@ def _call_hook(hook: Hook | None, run: _Run, *args: Any) -> None:
         hook(*args)
 
 
-def fit(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig, images: Sequence[np.ndarray], *,
+def fit(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig,
+        images: Sequence[np.ndarray] | DecodedImages, *,
         device: torch.device | str, ckpt_path: str | os.PathLike | None = None,
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         on_sample: Callable[[int, nn.Module], None] | None = None,
         on_checkpoint: Callable[[int, Path], None] | None = None, progress: bool = True) -> dict[str, float]:
-    """Train IDM on HR `images` ((H, W, 3) uint8) for cfg.steps steps, resuming from `ckpt_path` if it exists.
+    """Train IDM on HR `images` ((H, W, 3) uint8, or DecodedImages) for cfg.steps steps,
+    resuming from `ckpt_path` if it exists.
 
     Checkpoints go to `ckpt_path` every cfg.checkpoint_every steps and at the end.
-    Hooks run on rank 0: on_log(step, {"loss", "grad_norm", "samples_per_s"}) every
-    cfg.log_every steps and at the end (loss and grad_norm averaged over the interval
-    and the ranks); on_sample(step, ema_model) every cfg.sample_every steps;
-    on_checkpoint(step, path) after each write. Returns {"final_loss" (of the last log
-    interval; NaN if the checkpoint had no steps left to run), "steps", "steps_run",
-    "samples_per_s", "seconds"}. Seeds torch's global generator from cfg.seed.
+    Hooks run on rank 0: on_log(step, {"loss", "grad_norm", "samples_per_s", "input_wait"})
+    every cfg.log_every steps and at the end (loss and grad_norm averaged over the interval
+    and the ranks; input_wait the fraction of the interval spent waiting for batches);
+    on_sample(step, ema_model) every cfg.sample_every steps; on_checkpoint(step, path)
+    after each write. Returns {"final_loss" (of the last log interval; NaN if the
+    checkpoint had no steps left to run), "steps", "steps_run", "samples_per_s",
+    "seconds", "input_wait"}. Seeds torch's global generator from cfg.seed.
     """
     device = torch.device(device)
-    data = training_images(images, hr_patch_side(cfg))
+    data = images if isinstance(images, DecodedImages) else training_images(images, hr_patch_side(cfg))
     run = _build_run(model_cfg, diffusion_cfg, cfg, device)
     path = Path(ckpt_path) if ckpt_path is not None else None
     start = _resume(run, path) if path is not None and path.exists() else 0
+    stream = batches(TrainBatches(data, cfg, run.rank), start, workers=cfg.workers, pin_memory=device.type == "cuda")
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress or run.rank != 0)
     totals, count, final_loss, seen = torch.zeros(2, device=device), 0, math.nan, 0
     t0 = tick = time.perf_counter()
+    waited = waited_total = 0.0
     for step in range(start + 1, cfg.steps + 1):
-        hr, lr, _ = make_batch(data, cfg, run.generator)
-        loss, norm = _train_step(run, hr.to(device), lr.to(device), cfg.grad_clip)
+        asked = time.perf_counter()
+        hr, lr = next(stream)
+        waited += time.perf_counter() - asked
+        hr, lr = hr.to(device, non_blocking=True), lr.to(device, non_blocking=True)
+        loss, norm = _train_step(run, hr, lr, cfg.grad_clip)
         run.ema.update(run.model, step)
         totals += torch.stack([loss, norm.to(loss.dtype)])
         count += 1
@@ -346,8 +306,9 @@ def fit(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig
             now = time.perf_counter()
             speed = count * cfg.batch_size * run.world / (now - tick)
             bar.set_postfix(loss=f"{final_loss:.4f}")
-            _call_hook(on_log, run, step, {"loss": final_loss, "grad_norm": grad_norm, "samples_per_s": speed})
-            totals, count, tick = torch.zeros(2, device=device), 0, now
+            _call_hook(on_log, run, step, {"loss": final_loss, "grad_norm": grad_norm, "samples_per_s": speed,
+                                           "input_wait": waited / (now - tick)})
+            totals, count, tick, waited_total, waited = torch.zeros(2, device=device), 0, now, waited_total + waited, 0.0
         if cfg.sample_every and step % cfg.sample_every == 0:
             _call_hook(on_sample, run, step, run.ema.module)
         if path is not None and (step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
@@ -355,6 +316,8 @@ def fit(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, cfg: TrainConfig
             _call_hook(on_checkpoint, run, step, path)
         seen += 1
     bar.close()
+    del stream  # ends the DataLoader workers now
     seconds = time.perf_counter() - t0
     return {"final_loss": final_loss, "steps": max(start, cfg.steps), "steps_run": seen,
-            "samples_per_s": seen * cfg.batch_size * run.world / seconds if seen else 0.0, "seconds": seconds}
+            "samples_per_s": seen * cfg.batch_size * run.world / seconds if seen else 0.0, "seconds": seconds,
+            "input_wait": (waited_total + waited) / seconds if seen else 0.0}

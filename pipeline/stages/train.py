@@ -26,6 +26,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,7 @@ from idm.checkpoint import (
     save_checkpoint,
 )
 from idm.config import RESUMABLE_CHANGES
+from idm.data import DecodedImages, hr_patch_side
 from idm.device import resolve_device
 from idm.files import atomic_path
 from idm.train import cleanup_distributed, fit, setup_distributed
@@ -46,25 +48,66 @@ from pipeline.params import ROOT, Params, flatten, load
 from pipeline.stages import run
 
 
-def read_training_images(prepared: Path) -> list[np.ndarray]:
-    """The HR images of the manifest's train split, as (H, W, 3) uint8 arrays."""
+def training_paths(prepared: Path) -> list[Path]:
+    """The HR image files of the manifest's train split."""
     manifest = pd.read_csv(prepared / "manifest.csv")
     rows = manifest[manifest.split == "train"]
     if rows.empty:
         raise ValueError(f"{prepared / 'manifest.csv'}: no training images (every dataset has test_fraction 1?)")
-    return [read_image(prepared / hr) for hr in rows.hr]
+    return [prepared / hr for hr in rows.hr]
+
+
+def read_training_images(prepared: Path) -> list[np.ndarray]:
+    """The HR images of the manifest's train split, as (H, W, 3) uint8 arrays."""
+    return [read_image(path) for path in training_paths(prepared)]
+
+
+def decoded_training_images(prepared: Path, cache: Path, patch_size: int) -> tuple[DecodedImages, str]:
+    """The training images decoded once into `cache` (idm.data.DecodedImages) and their
+    inputs_digest; a cache written for the same files (names, sizes, mtimes) and patch size is reused.
+
+    Used with train.workers > 0, so a large dataset streams from disk instead of being held
+    in every process's memory. Call it on one process first (the others then find the cache).
+    """
+    paths = training_paths(prepared)
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    key = hashlib.sha256(json.dumps([patch_size, files]).encode())
+    index = cache / "index.json"
+    try:
+        record = json.loads(index.read_text())
+        if record["key"] == key.hexdigest():
+            return DecodedImages(cache, record["shapes"]), record["inputs"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+
+    def decoded():  # one image in memory at a time, digested as it goes by
+        for path in paths:
+            img = read_image(path)
+            _digest_image(digest, img)
+            yield img
+
+    images = DecodedImages.build(decoded, cache, patch_size)
+    with atomic_path(index) as tmp:
+        tmp.write_text(json.dumps({"key": key.hexdigest(), "inputs": digest.hexdigest(), "shapes": images.shapes}))
+    return images, digest.hexdigest()
 
 
 PENDING = "pending.json"  # a finished training run that is not registered yet
 
 
 def inputs_digest(images: list[np.ndarray]) -> str:
-    """sha256 of the training images (shapes and pixels): tells a rerun on the same data from one on new data."""
+    """sha256 of the training images (shapes and pixels): tells a rerun on the same data from one on new data
+    (decoded_training_images computes the same)."""
     digest = hashlib.sha256()
     for img in images:
-        digest.update(f"{img.shape}|".encode())
-        digest.update(np.ascontiguousarray(img).tobytes())
+        _digest_image(digest, img)
     return digest.hexdigest()
+
+
+def _digest_image(digest: Any, img: np.ndarray) -> None:
+    digest.update(f"{img.shape}|".encode())
+    digest.update(np.ascontiguousarray(img).tobytes())
 
 
 def awaits_registration(out: Path, params: Params, inputs: str) -> bool:
@@ -103,7 +146,7 @@ def export_inference(checkpoint: Path, out: Path) -> int:
     return sum(t.numel() for t in ckpt["ema"].values() if t.is_floating_point())
 
 
-def sample_logger(params: Params, images: list[np.ndarray], device: torch.device):
+def sample_logger(params: Params, images: list[np.ndarray] | DecodedImages, device: torch.device):
     """on_sample hook: the EMA model's x4 output for a fixed LR crop, logged as an MLflow image.
 
     Sampled untiled with params.yaml's sampler, as evaluate samples this small a crop.
@@ -120,7 +163,8 @@ def sample_logger(params: Params, images: list[np.ndarray], device: torch.device
     from idm.resize import to_model_range, to_uint8
     from pipeline.data.datasets import center_crop, make_pair
 
-    hr, lr = make_pair(center_crop(images[0], 128), 4)
+    first = images[0] if isinstance(images, list) else np.ascontiguousarray(images[0].transpose(1, 2, 0))
+    hr, lr = make_pair(center_crop(first, 128), 4)
     d, s = params.diffusion, params.sample  # the sample looks like what evaluate will produce
     schedule = schedule_for(d)
     timesteps = spaced_timesteps(d.timesteps, min(s.steps, d.timesteps), s.spacing)
@@ -147,7 +191,19 @@ def main() -> None:
     params = load(args.params)
     if params.train_stage.threads:
         torch.set_num_threads(params.train_stage.threads)
-    images = read_training_images(args.prepared)  # here too when launching: bad data fails before any process starts
+    streamed = params.train.workers > 0  # then from decoded files on disk, shared by every process
+
+    def training_data():
+        if streamed:  # outside the DVC outputs, so prepare's stays as DVC recorded it
+            return decoded_training_images(args.prepared, args.prepared.parent / "train-cache",
+                                           hr_patch_side(params.train))
+        images = read_training_images(args.prepared)
+        return images, inputs_digest(images)
+
+    # Here too when launching: bad data fails before any process starts. With several
+    # processes, rank 0 decodes into the cache and the others read it after a barrier.
+    later = streamed and int(os.environ.get("RANK", "0")) > 0
+    images, inputs = (None, None) if later else training_data()
     device = resolve_device(params.train_stage.device)
     if params.train_stage.processes > 1 and device.type == "cpu" and "WORLD_SIZE" not in os.environ:
         from pipeline.tracking import setup
@@ -155,8 +211,11 @@ def main() -> None:
         setup()  # likewise an unavailable store: one error line
         del images  # the processes read their own
         sys.exit(launch_processes(params.train_stage.processes, params.train_stage.threads or 1))
-    inputs = inputs_digest(images)
     info = setup_distributed(device)
+    if streamed and info.world_size > 1:
+        torch.distributed.barrier()
+    if later:
+        images, inputs = training_data()
     try:
         ckpt_path = args.out / "checkpoint.pt"
         if info.rank == 0:
@@ -212,7 +271,8 @@ def recipe_description(params: Params, n_params: int, n_images: int) -> str:
             f"target {t.target}, on {n_images} training images of {data}.")
 
 
-def train_and_register(params: Params, images: list[np.ndarray], device: torch.device, out: Path, inputs: str, *,
+def train_and_register(params: Params, images: list[np.ndarray] | DecodedImages, device: torch.device, out: Path,
+                       inputs: str, *,
                        alias: str = "candidate") -> None:
     """Rank 0: train inside an MLflow run, then register the EMA model as a new `idm` version with `alias`.
 

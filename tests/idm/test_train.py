@@ -20,9 +20,10 @@ import idm.models
 import idm.train
 from idm.checkpoint import build_model, load_checkpoint
 from idm.config import DiffusionConfig, ModelConfig, TrainConfig
+from idm.data import make_batch, training_images
 from idm.diffusion.targets import TARGETS, decode, encode
 from idm.resize import resize, resize_uint8
-from idm.train import EMA, fit, make_batch, setup_distributed, training_images
+from idm.train import EMA, fit, setup_distributed
 from tests.helpers import ROOT, photo
 
 TINY = ModelConfig(encoder_blocks=1, encoder_channels=8, base_channels=8, channel_mults=(1, 2), res_blocks=1,

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import TINY, make_image_folder, stage_store_client, stage_store_runs
 from tests.pipeline.stages.test_stages import assert_user_error, stage, write_params
@@ -103,3 +104,21 @@ def test_train_stage_starts_its_own_ddp_processes(trained, tmp_path):
     assert ckpt["step"] == raw["train"]["steps"] and len(ckpt["rng"]) == 2
     record = json.loads((tmp_path / "models" / "registered.json").read_text())
     assert stage_store_client().get_run(record["run_id"]).data.params["train_stage.processes"] == "2"
+
+    # train.workers: 1 streams the images from files decoded once (rank 0 writes them, rank 1
+    # reads them after a barrier) and trains to the very same weights.
+    raw["train"].update(workers=1)
+    params.write_text(yaml.safe_dump(raw))
+    r = stage("train", "--params", params, "--prepared", trained["prepared"], "--out", tmp_path / "streamed")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cache = trained["prepared"].parent / "train-cache"
+    assert json.loads((cache / "index.json").read_text())["inputs"] == record_inputs(trained)
+    streamed = load_checkpoint(tmp_path / "streamed" / "checkpoint.pt")
+    for part in ("model", "ema"):
+        assert all(torch.equal(ckpt[part][k], streamed[part][k]) for k in ckpt[part]), part
+
+
+def record_inputs(trained) -> str:
+    from pipeline.stages.train import inputs_digest, read_training_images
+
+    return inputs_digest(read_training_images(trained["prepared"]))
