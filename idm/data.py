@@ -51,9 +51,9 @@ def training_images(images: Sequence[np.ndarray], patch_size: int) -> list[Tenso
 class DecodedImages(Sequence[np.ndarray]):
     """Images decoded once into `folder`/<i>.npy ((H, W, 3) uint8) and read back memory-mapped.
 
-    `DecodedImages.build(arrays, folder)` writes them (skipping files already there with the
-    right shape); indexing gives a (3, H, W) uint8 tensor view, so a crop reads only the
-    pages it touches. Each process maps the files itself (DataLoader workers included).
+    `DecodedImages.build(arrays, folder, patch_size)` writes them; indexing gives a
+    read-only (3, H, W) uint8 numpy view, so a crop reads only the pages it touches. Each
+    process maps the files itself (DataLoader workers included).
     """
 
     def __init__(self, folder: str | os.PathLike, shapes: Sequence[tuple[int, int]]) -> None:
@@ -63,12 +63,17 @@ class DecodedImages(Sequence[np.ndarray]):
     @classmethod
     def build(cls, arrays: Callable[[], Iterator[np.ndarray]] | Sequence[np.ndarray], folder: str | os.PathLike,
               patch_size: int) -> "DecodedImages":
-        """Write each (H, W, 3) uint8 array with both sides >= patch_size to folder/<i>.npy."""
+        """Write each (H, W, 3) uint8 array with both sides >= patch_size to folder/<i>.npy
+        (each file atomically); `arrays` may be a function returning an iterator, so only one
+        image need be in memory. ValueError, like `training_images`, for an array of another
+        dtype or shape, or when no image is large enough."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         shapes = []
-        for img in (arrays() if callable(arrays) else arrays):
-            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < patch_size:
+        for i, img in enumerate(arrays() if callable(arrays) else arrays):
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                raise ValueError(f"training image {i} must be an (H, W, 3) uint8 array, got {img.dtype} {img.shape}")
+            if min(img.shape[:2]) < patch_size:
                 continue
             path = folder / f"{len(shapes)}.npy"
             tmp = path.with_suffix(".tmp.npy")

@@ -65,6 +65,8 @@ def test_decoded_images_stream_from_disk_like_images_in_memory(tmp_path: Path) -
     assert _same(in_memory, list(batches(TrainBatches(decoded, CFG), 0, workers=2)))
     with pytest.raises(ValueError, match="no training image is at least 64x64"):
         DecodedImages.build(IMAGES, tmp_path / "none", patch_size=64)
+    with pytest.raises(ValueError, match=r"training image 1 must be an \(H, W, 3\) uint8 array, got float32"):
+        DecodedImages.build([IMAGES[0], IMAGES[1].astype(np.float32)], tmp_path / "bad", patch_size=16)
 
 
 def test_fit_with_workers_is_bit_identical_to_fit_without(tmp_path: Path) -> None:
