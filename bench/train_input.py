@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from idm.config import TrainConfig  # noqa: E402
+from bench.gpu_check import DIV2K_SIZES  # noqa: E402
 from idm.data import DecodedImages, TrainBatches, batches, training_images  # noqa: E402
 from idm.device import cpu_summary  # noqa: E402
 from pipeline.params import ROOT, load  # noqa: E402
@@ -36,7 +36,7 @@ from pipeline.params import ROOT, load  # noqa: E402
 # Assumption, not a measurement (no GPU here): the paper-size model (98M parameters) at
 # batch 16 with 48x48 LR patches, bfloat16 on one A100-class GPU, ~5 steps/s = 80 patches/s.
 ASSUMED_GPU_STEPS_PER_S = 5.0
-DIV2K = TrainConfig(steps=10**6, batch_size=16, patch_size=48, lr_patch=48, scale_min=1.0, scale_max=4.0)
+DIV2K = dataclasses.replace(DIV2K_SIZES, steps=10**6)
 
 
 def photos() -> tuple[str, list]:

@@ -153,29 +153,32 @@ class IDMPyfunc(mlflow.pyfunc.PythonModel):
                                                 temperature=float(params["temperature"]))  # validated here
         except (ValueError, ConfigError) as err:
             raise BadInput(str(err).splitlines()[0]) from None
-        encoded, images = self._images(model_input)
-        outs = [upscale_channels(lambda rgb: method(rgb, target_size(img.shape[:2], scale)), img,
-                                 target_size(img.shape[:2], scale)) for img in images]
-        if encoded:
+        kind, images = images_of(model_input)
+        outs = []
+        for img in images:
+            size = target_size(img.shape[:2], scale)
+            outs.append(upscale_channels(lambda rgb: method(rgb, size), img, size))
+        if kind == "files":
             return pd.DataFrame({IMAGE_COLUMN: [encode_png(o) for o in outs]})
-        return np.stack(outs) if self._batch else outs[0]
+        return np.stack(outs) if kind == "batch" else outs[0]
 
-    def _images(self, model_input: Any) -> tuple[bool, list[np.ndarray]]:
-        """(whether the input was encoded files, the images as uint8 arrays); BadInput if neither."""
-        self._batch = False
-        if isinstance(model_input, (pd.DataFrame, dict)):
-            if IMAGE_COLUMN not in model_input:
-                raise BadInput(f"expected a column {IMAGE_COLUMN!r} of base64-encoded image files, "
-                               f"got columns {list(model_input)}")
-            return True, encoded_images(list(np.ravel(np.asarray(model_input[IMAGE_COLUMN], dtype=object))))
-        arr = pixels(model_input)
-        if arr.ndim == 4 or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-            self._batch = True
-            return False, list(arr)
-        if arr.ndim not in (2, 3):
-            raise BadInput(f"expected an (h, w), (h, w, 3), (h, w, 4) or (n, h, w, c) image array, "
-                           f"got shape {arr.shape}")
-        return False, [arr]
+
+def images_of(model_input: Any) -> tuple[str, list[np.ndarray]]:
+    """("files" | "batch" | "one", the input's images as uint8 arrays); BadInput for anything else.
+
+    A function of the input alone (no state on the model), so concurrent requests cannot mix."""
+    if isinstance(model_input, (pd.DataFrame, dict)):
+        if IMAGE_COLUMN not in model_input:
+            raise BadInput(f"expected a column {IMAGE_COLUMN!r} of base64-encoded image files, "
+                           f"got columns {list(model_input)}")
+        return "files", encoded_images(list(np.ravel(np.asarray(model_input[IMAGE_COLUMN], dtype=object))))
+    arr = pixels(model_input)
+    if arr.ndim == 4 or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        return "batch", list(arr)
+    if arr.ndim not in (2, 3):
+        raise BadInput(f"expected an (h, w), (h, w, 3), (h, w, 4) or (n, h, w, c) image array, "
+                       f"got shape {arr.shape}")
+    return "one", [arr]
 
 
 def log_and_register(checkpoint: Path, *, int8: Path | None = None, tags: dict[str, str] | None = None,
