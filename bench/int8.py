@@ -42,7 +42,7 @@ from idm.config import (
     MODEL_PRESETS,  # noqa: E402
     SampleConfig,  # noqa: E402
 )
-from idm.diffusion.sampling import sample_ddim, spaced_timesteps  # noqa: E402
+from idm.diffusion.sampling import spaced_timesteps  # noqa: E402
 from idm.diffusion.schedule import make_schedule  # noqa: E402
 from idm.inference.quantize import file_size, quantize_denoiser, save_quantized  # noqa: E402
 from idm.models import IDM  # noqa: E402
@@ -131,7 +131,7 @@ def psnr_delta(net: Trained, int8: IDM, pairs: list, steps: list[int], scale: fl
     """Mean PSNR-Y (dB) of the float32 and int8 outputs against HR, and of int8 against float32."""
     border, scores = metrics.border_for(scale), []
     for hr, lr in pairs:
-        sr32, sr8 = (upscale(net, m, lr, hr.shape[:2], steps, sample_ddim) for m in (net.model, int8))
+        sr32, sr8 = (upscale(net, m, lr, hr.shape[:2], steps, "ddim") for m in (net.model, int8))
         scores.append([metrics.psnr(sr, ref, border=border, y_channel=True)
                        for sr, ref in ((sr32, hr), (sr8, hr), (sr8, sr32))])
     p32, p8, between = (float(sum(col) / len(col)) for col in zip(*scores))

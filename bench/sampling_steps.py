@@ -29,15 +29,8 @@ import torch  # noqa: E402
 
 from bench.per_step import load_average  # noqa: E402
 from idm.checkpoint import build_model, load_checkpoint  # noqa: E402
-from idm.config import DiffusionConfig  # noqa: E402
-from idm.diffusion.sampling import (  # noqa: E402
-    SPACINGS,
-    Sampler,
-    sample_ddim,
-    sample_ddpm,
-    spaced_timesteps,
-    super_resolve,
-)
+from idm.config import DiffusionConfig, SampleConfig  # noqa: E402
+from idm.diffusion.sampling import SPACINGS, spaced_timesteps, super_resolve  # noqa: E402
 from idm.diffusion.schedule import Schedule, schedule_for  # noqa: E402
 from idm.diffusion.targets import decode  # noqa: E402
 from idm.models import IDM  # noqa: E402
@@ -78,24 +71,26 @@ def test_pairs(folder: Path, scale: float, crop: int, limit: int = 0) -> list[tu
 
 
 def upscale(net: Trained, model: torch.nn.Module, lr: np.ndarray, size: tuple[int, int],
-            timesteps: Sequence[int], sampler: Sampler, *, seed: int = 0) -> np.ndarray:
-    """One SR image (H, W, 3) uint8; `model` may be net.model or a quantized copy."""
+            timesteps: Sequence[int], sampler: str, *, eta: float = 0.0, seed: int = 0) -> np.ndarray:
+    """One SR image (H, W, 3) uint8 by `sampler` (a SAMPLERS name) at `eta` and net.temperature;
+    `model` may be net.model or a quantized copy."""
     lr_t = to_model_range(lr)
+    sample = SampleConfig(sampler=sampler, eta=eta, temperature=net.temperature)
     with torch.inference_mode():
-        image = super_resolve(model, lr_t, size, timesteps, schedule=net.schedule, sampler=sampler,
-                              temperature=net.temperature, generator=torch.Generator().manual_seed(seed),
+        image = super_resolve(model, lr_t, size, timesteps, schedule=net.schedule, sample=sample,
+                              generator=torch.Generator().manual_seed(seed),
                               decode=lambda x0, lr, cond: decode(x0, lr, size, net.target, net.residual_scale,
                                                                  x_con=cond.x_con))
         return to_uint8(image)
 
 
-def evaluate(net: Trained, model: torch.nn.Module, pairs: list, timesteps: Sequence[int], sampler: Sampler,
-             scale: float) -> tuple[float, float]:
+def evaluate(net: Trained, model: torch.nn.Module, pairs: list, timesteps: Sequence[int], sampler: str,
+             eta: float, scale: float) -> tuple[float, float]:
     """(mean PSNR-Y in dB, mean seconds per image) of one sampler setting."""
     scores, seconds = [], []
     for hr, lr in pairs:
         start = time.perf_counter()
-        sr = upscale(net, model, lr, hr.shape[:2], timesteps, sampler)
+        sr = upscale(net, model, lr, hr.shape[:2], timesteps, sampler, eta=eta)
         seconds.append(time.perf_counter() - start)
         scores.append(metrics.psnr(sr, hr, border=metrics.border_for(scale), y_channel=True))
     return float(np.mean(scores)), float(np.mean(seconds))
@@ -119,8 +114,8 @@ def main() -> None:
     net = dataclasses.replace(load_trained(args.checkpoint), temperature=args.temperature)
     pairs = test_pairs(args.folder, args.scale, args.crop)
     total = net.schedule.timesteps
-    runs = [] if args.no_ddpm else [("ancestral (DDPM)", total, sample_ddpm, "uniform")]
-    runs += [(f"DDIM eta=0, {spacing}", n, sample_ddim, spacing) for spacing in args.spacings
+    runs = [] if args.no_ddpm else [("ancestral (DDPM)", total, "ddpm", 1.0, "uniform")]
+    runs += [(f"DDIM eta=0, {spacing}", n, "ddim", 0.0, spacing) for spacing in args.spacings
              for n in args.steps if n <= total]
     versus = "vs first DDIM row" if args.no_ddpm else "vs ancestral"
     rows = [f"| sampler | steps | PSNR-Y (dB) | s/image | speed-up {versus} |", "|---|---|---|---|---|"]
@@ -128,8 +123,8 @@ def main() -> None:
                                     y_channel=True) for hr, lr in pairs])
     rows.append(f"| bicubic | - | {bicubic:.2f} | - | - |")
     first = None
-    for name, n, sampler, spacing in runs:
-        psnr, seconds = evaluate(net, net.model, pairs, spaced_timesteps(total, n, spacing), sampler, args.scale)
+    for name, n, sampler, eta, spacing in runs:
+        psnr, seconds = evaluate(net, net.model, pairs, spaced_timesteps(total, n, spacing), sampler, eta, args.scale)
         first = first or seconds
         rows.append(f"| {name} | {n} | {psnr:.2f} | {seconds:.2f} | {first / seconds:.1f}x |")
         print(rows[-1], flush=True)

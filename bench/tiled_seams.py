@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from idm.config import ModelConfig, SampleConfig
-from idm.diffusion.sampling import SAMPLER_FUNCTIONS, super_resolve
+from idm.diffusion.sampling import super_resolve
 from idm.inference.memory import choose_tile
 from idm.inference.tiling import tiled_super_resolve
 from idm.inference.upscaler import DiffusionSR
@@ -107,8 +107,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     s = load(ROOT / "params.yaml").sample
     net = DiffusionSR.from_checkpoint(args.checkpoint, s)
-    kwargs = dict(schedule=net.schedule, sampler=SAMPLER_FUNCTIONS[s.sampler], eta=s.eta, temperature=s.temperature,
-                  decode=net.decode)
+    kwargs = dict(schedule=net.schedule, sample=s, decode=net.decode)
     rows = ["| image | scale | " + " | ".join(f"tile {t}" for t in args.tiles) + " |",
             "|---|---|" + "---|" * len(args.tiles)]
     results: dict[str, list[tuple[float, float]]] = {spec: [] for spec in args.tiles}

@@ -5,7 +5,7 @@ Usage: python -m bench.train_input [--workers 0 1 2] [--seconds 20] [--loop-step
 1. Patches/s of idm.data alone (random crop, flips, the project's resize to LR) per
    DataLoader worker count, from images in memory and memory-mapped from .npy files, at the DIV2K recipe's sizes (recipes/div2k_x4.yaml: LR 48x48,
    scales (1, 4], so HR patches up to 192x192, batch 16), on SunHays80's ~1024 px photos
-   when ../shared is there, else scikit-image's photos. Beside it, what a GPU would
+   when ../shared/datasets/SunHays80 is there, else scikit-image's photos. Beside it, what a GPU would
    consume: an assumed step rate for the paper-size model (see ASSUMED_GPU_STEPS_PER_S).
 2. The default recipe's (params.yaml) training loop for --loop-steps steps with 0 and 1
    workers: samples/s and the fraction of the time spent waiting for batches.

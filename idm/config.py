@@ -149,6 +149,11 @@ class ModelConfig:
         return tuple(-(-int(n) // stride) * stride for n in size)  # type: ignore[return-value]
 
 
+# The longest noise schedule a config may declare (the paper uses 2000): a checkpoint's config
+# cannot make its loader build tables of billions of steps.
+MAX_TIMESTEPS = 100_000
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     """The noise process: beta schedule, number of steps, training loss, x0 clipping.
@@ -170,6 +175,8 @@ class DiffusionConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {sorted(LOSSES)}")
         _check_int("timesteps", self.timesteps, 1)
+        if self.timesteps > MAX_TIMESTEPS:  # the schedule is a table of this length, built before any use
+            raise ValueError(f"timesteps must be at most {MAX_TIMESTEPS}, got {self.timesteps!r}")
         for name in ("beta_start", "beta_end"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 < value < 1.0:
@@ -263,6 +270,16 @@ SAMPLE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def default_preset(regression: bool) -> str:
+    """The SAMPLE_PRESETS name a model samples with when its caller names no preset and no steps:
+    `fidelity` (the one-pass regression output) for a model that has one, else `balanced`.
+
+    The one rule behind every default (`idm upscale`, the served model, `DiffusionSR.from_checkpoint`),
+    so the three never disagree; the regression output is the fastest and never below bicubic.
+    """
+    return "fidelity" if regression else "balanced"
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """How a trained IDM samples an output: the sampler, its steps and noise, and tiling.
@@ -271,14 +288,15 @@ class SampleConfig:
     section, `idm upscale`'s flags, the MLflow model), and this is their one validator.
     """
 
+    # sampler, steps and temperature default to the `balanced` preset (SAMPLE_PRESETS)
     sampler: str = "ddim"  # one of SAMPLERS
     # Denoiser evaluations per image (spaced over the schedule; at most its T); 0: no
     # diffusion, the encoder's regression output x_con (one pass, the best PSNR).
-    steps: int = 5
+    steps: int = 2
     spacing: str = "uniform"  # how the steps spread over the schedule: one of SPACINGS
     eta: float = 0.0  # 0: deterministic DDIM; 1: ancestral-like
     seed: int = 0  # initial noise, per image
-    temperature: float = 0.5  # scale of the initial noise: 1 samples the model, < 1 favours PSNR over texture
+    temperature: float = 0.0  # scale of the initial noise: 1 samples the model, < 1 favours PSNR over texture
     max_memory_gb: float = 4.0  # outputs whose untiled run would need more are made tile by tile
     tile_overlap: int = 8  # LR pixels shared by neighbouring tiles
     tile_context: int = 64  # HR pixels of extra input around each tile (idm.inference.tiling.input_span)
@@ -300,7 +318,7 @@ class SampleConfig:
                self.steps)
         _check(self.spacing in SPACINGS, "spacing", f"one of {list(SPACINGS)}", self.spacing)
         _check(_is_number(self.eta) and self.eta >= 0, "eta", "a number >= 0", self.eta)
-        _check(_is_int(self.seed), "seed", "an integer", self.seed)
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)", self.seed)
         check_temperature(self.temperature)
 
     @property

@@ -43,11 +43,12 @@ def resize(img: Tensor, size: tuple[int, int]) -> Tensor:
 
 def resize_uint8(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """`resize` for an (H, W, C) uint8 array, rounded back to uint8 like a saved image
-    (a uint16 array stays uint16, rounded and clamped to [0, 65535])."""
+    (a uint16 array stays uint16, rounded and clamped to [0, 65535]); C-contiguous, since
+    some consumers (image libraries' buffers) ignore strides."""
     peak = np.iinfo(img.dtype).max
     x = torch.from_numpy(np.ascontiguousarray(img).astype(np.float32)).permute(2, 0, 1)
     y = resize(x, size).round_().clamp_(0, peak)
-    return y.permute(1, 2, 0).numpy().astype(img.dtype)
+    return np.ascontiguousarray(y.permute(1, 2, 0).numpy().astype(img.dtype))
 
 
 def check_scale(scale: float) -> float:

@@ -17,6 +17,7 @@ import math
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from pipeline.data.images import (
     to_8_bit,
     write_image,
 )
-from pipeline.jobs import OUTPUT_EXTS, plan
+from pipeline.jobs import OUTPUT_EXTS, check_suffix, plan
 
 DEFAULT_MODEL = "pretrained"  # idm.pretrained: shipped in the package
 
@@ -62,11 +63,31 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_scale(text: str) -> float:
+    if "_" in text:  # float() reads '1_5' as 15
+        raise argparse.ArgumentTypeError(f"scale must be a number > 1 such as 3.7, got {text!r}")
     try:
         return check_scale(float(text))
     except ValueError as err:
         message = str(err) if "scale" in str(err) else f"scale must be a number > 1, got {text!r}"
         raise argparse.ArgumentTypeError(message) from None
+
+
+def parse_suffix(text: str) -> str:
+    try:
+        return check_suffix(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--suffix ")) from None
+
+
+def parse_tile(text: str) -> int:
+    try:
+        tile = int(text)
+    except ValueError:
+        tile = -1
+    if tile < 0 or 0 < tile <= SAMPLE.tile_overlap:
+        raise argparse.ArgumentTypeError(f"--tile must be 0 (automatic) or an integer > {SAMPLE.tile_overlap} "
+                                         f"(the tile overlap, LR px), got {text!r}")
+    return tile
 
 
 MODEL_URI_SCHEMES = ("models:/", "runs:/", "file://")
@@ -86,9 +107,12 @@ def load_method(args: argparse.Namespace, sample: SampleConfig, device: str):
         if not args.model.startswith(MODEL_URI_SCHEMES):
             raise ValueError(f"--model {args.model!r}: unsupported model URI; give a checkpoint path, file://PATH, "
                              "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")
-        from pipeline.mlflow_model import checkpoint_from_uri
-        from pipeline.tracking import setup
-
+        try:
+            from pipeline.mlflow_model import checkpoint_from_uri
+            from pipeline.tracking import setup
+        except ImportError as err:  # `pip install .` has the CLI but not MLflow
+            raise ValueError(f"--model {args.model}: model URIs need MLflow ({err}); install the pipeline "
+                             "extra: pip install -e '.[pipeline]' (or make run)") from None
         setup()
         uri = args.model
         if args.int8:  # models:/idm@candidate --int8: the int8 version quantized from the candidate
@@ -162,6 +186,9 @@ def output_size(path: Path, lr_shape: tuple[int, ...], args: argparse.Namespace)
         raise ValueError(f"{path}: a {round(width)}x{round(height)} output is above the limit of {DEFAULT_MAX_PIXELS} "
                          f"pixels; use a smaller --scale or --size")
     if args.size:
+        if height <= lr_shape[0] or width <= lr_shape[1]:
+            raise ValueError(f"{path}: {round(width)}x{round(height)} is not larger than the input "
+                             f"({lr_shape[1]}x{lr_shape[0]}) in both directions; idm upscale only enlarges")
         return int(height), int(width)
     return target_size(lr_shape[:2], args.scale)
 
@@ -178,6 +205,8 @@ def aspect_warning(path: Path, lr_shape: tuple[int, ...], size: tuple[int, int])
 def upscale(args: argparse.Namespace) -> None:
     """Check every flag, input, output name and output size first (fail fast: nothing is written
     on bad input), then upscale the inputs one at a time, so memory holds one decoded input at once."""
+    if args.keep_aspect and not args.size:
+        raise ValueError("--keep-aspect needs --size (with --scale the aspect ratio is always kept)")
     sample = sample_config(args)
     device = resolve_device_flag(args)  # every flag is checked before any input is read
     shapes: dict[Path, tuple[int, int]] = {}
@@ -198,18 +227,22 @@ def upscale(args: argparse.Namespace) -> None:
         method = load_method(args, sample, device)
     except ConfigError as err:  # settings that depend on the model: --steps above its T
         raise flag_error(err) from None
-    if args.steps is None and args.preset is None and method.regression:  # the default: the regression output
-        method.sample = dataclasses.replace(method.sample, steps=0)
+    if args.steps is None and args.preset is None:  # the model's own default (idm.config.default_preset)
+        method.use_default_sample()
+        if not method.sample.steps and (args.sampler is not None or args.temperature is not None):
+            print("idm: warning: --sampler and --temperature apply to a diffusion sample; the default here is the "
+                  "regression output (add --steps N or --preset balanced|perceptual)", file=sys.stderr)
     if method.device.type == "cpu":  # say what runs: threads, the kernels torch picked for this CPU, precision
         import torch
 
         from idm.device import use_threads
 
         path = "int8 denoiser" if args.int8 else "float32, channels-last"
-        print(f"CPU: {use_threads(sample.threads)} threads, {torch.backends.cpu.get_cpu_capability()} kernels, {path}")
+        what = (f"diffusion, {method.sample.sampler} {method.sample.steps} steps, temperature "
+                f"{method.sample.temperature:g}" if method.sample.steps else "regression output")
+        print(f"CPU: {use_threads(sample.threads)} threads, {torch.backends.cpu.get_cpu_capability()} kernels, "
+              f"{path}; {what}")
     from idm.inference.memory import check_memory
-    from idm.inference.tiling import tile_starts
-    from idm.inference.upscaler import upscale_channels
 
     tiles = {}
     for job in jobs:  # decodable, and a tile (or none) fits the bound; one image held at a time
@@ -217,27 +250,63 @@ def upscale(args: argparse.Namespace) -> None:
         if args.no_tiling:
             check_memory(method.model.cfg, sizes[job.src], max_bytes=sample.max_bytes, lr_size=shapes[job.src],
                          regression=not method.sample.steps)
-        tiles[job.src] = method.tile_for(shapes[job.src], sizes[job.src])
+        tiles[job.src] = (method.tile_for(shapes[job.src], sizes[job.src]) if not args.tile
+                          else None if args.tile >= max(shapes[job.src]) else args.tile)
     bar = tqdm(jobs, desc="upscale", unit="image", disable=len(jobs) < 2)
     for job in bar:
-        size, tile = sizes[job.src], tiles[job.src]
-        deep = bit_depth(job.src) == 16  # kept 16-bit end to end, into a 16-bit PNG
-        image = (read_image_16(job.src, max_bytes=sample.max_bytes) if deep
-                 else read_image(job.src, max_bytes=sample.max_bytes, alpha=True))
-        lr = image[..., :3]
+        started = time.perf_counter()
+        done = _upscale_one(method, job, sizes[job.src], tiles[job.src], args, sample)
+        bar.write(f"{done} in {time.perf_counter() - started:.1f} s")
+
+
+def _upscale_one(method, job, size: tuple[int, int], tile: int | None, args: argparse.Namespace,
+                 sample: SampleConfig) -> str:
+    """Read, upscale and write one input, with a progress bar of network calls when there are
+    several; returns the line that says what was written."""
+    from idm.inference.tiling import tile_starts
+    from idm.inference.upscaler import upscale_channels
+
+    deep = bit_depth(job.src) == 16  # kept 16-bit end to end, into a 16-bit PNG
+    image = (read_image_16(job.src, max_bytes=sample.max_bytes) if deep
+             else read_image(job.src, max_bytes=sample.max_bytes, alpha=True))
+    lr = image[..., :3]
+    overlap = method.sample.tile_overlap
+    count = 1 if tile is None else len(tile_starts(lr.shape[0], tile, overlap)) * len(tile_starts(lr.shape[1], tile, overlap))
+    with network_progress(method, total=count * max(method.sample.steps, 1), name=job.src.name):
         out = upscale_channels(lambda rgb: method.upscale(rgb, size, tile), image, size)
-        if deep and job.out.suffix.lower() != ".png":
-            out = to_8_bit(out)
-        write_image(job.out, out, compress_level=PNG_LEVEL)
-        tiled = ""
-        if tile is not None:  # say so: a tiled output can differ slightly from one run in one piece (README)
-            overlap = method.sample.tile_overlap
-            count = len(tile_starts(lr.shape[0], tile, overlap)) * len(tile_starts(lr.shape[1], tile, overlap))
-            need = method.peak_bytes(lr.shape[:2], size) / 2**30
-            tiled = (f" in {count} tiles of {tile} LR px (in one piece it would need ~{need:.2f} GiB, "
-                     f"above --max-memory-gb {args.max_memory_gb:g})")
-        kept = (", alpha by bicubic" if image.shape[2] == 4 else "") + (", 16-bit" if out.dtype == np.uint16 else "")
-        bar.write(f"{job.src} ({lr.shape[1]}x{lr.shape[0]}) -> {job.out} ({size[1]}x{size[0]}{kept}){tiled}")
+    if deep and job.out.suffix.lower() != ".png":
+        out = to_8_bit(out)
+    write_image(job.out, out, compress_level=PNG_LEVEL)
+    tiled = ""
+    if tile is not None:  # say so: a tiled output can differ slightly from one run in one piece (docs/cli.md)
+        need = method.peak_bytes(lr.shape[:2], size) / 2**30
+        why = (f"--tile {args.tile}" if args.tile else
+               f"in one piece it would need ~{need:.2f} GiB, above --max-memory-gb {args.max_memory_gb:g}")
+        tiled = f" in {count} tiles of {tile} LR px ({why})"
+    kept = (", alpha by bicubic" if image.shape[2] == 4 else "") + (", 16-bit" if out.dtype == np.uint16 else "")
+    return f"{job.src} ({lr.shape[1]}x{lr.shape[0]}) -> {job.out} ({size[1]}x{size[0]}{kept}){tiled}"
+
+
+class network_progress:
+    """A progress bar (stderr) of `total` network calls of `method` — denoiser steps x tiles, or the
+    encoder's tiles for the regression output — shown when there is more than one, so one long
+    image is never silent."""
+
+    def __init__(self, method, *, total: int, name: str) -> None:
+        self.module = method.model if method.sample.steps else method.model.encoder
+        self.bar = tqdm(total=total, desc=name, unit="step" if method.sample.steps else "tile", leave=False,
+                        disable=total < 2)
+
+    def __enter__(self) -> network_progress:
+        self.hook = self.module.register_forward_hook(self._tick)
+        return self
+
+    def _tick(self, *_: object) -> None:  # a hook returning a value would replace the module's output
+        self.bar.update(1)
+
+    def __exit__(self, *exc: object) -> None:
+        self.hook.remove()
+        self.bar.close()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -249,20 +318,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="idm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a flag another tool has (Real-ESRGAN's --tile) must never be taken as ours abbreviated
+    parser = _Parser(prog="idm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    up = sub.add_parser("upscale", help="super-resolve images by any scale")
+    up = sub.add_parser("upscale", help="super-resolve images by any scale", allow_abbrev=False)
     up.add_argument("images", nargs="+", type=Path, metavar="INPUT", help="image files and/or folders of images")
     up.add_argument("-r", "--recursive", action="store_true",
                     help="take the images in subfolders of folder inputs too, keeping the subfolders under --out")
     target = up.add_mutually_exclusive_group(required=True)
-    target.add_argument("--scale", type=parse_scale, help="magnification, a number > 1 (e.g. 3.7)")
+    target.add_argument("-s", "--scale", type=parse_scale, help="magnification, a number > 1 (e.g. 3.7)")
     target.add_argument("--size", type=parse_size, help="output size WIDTHxHEIGHT (e.g. 1920x1080)")
     up.add_argument("--model", default=DEFAULT_MODEL, help=f"'{DEFAULT_MODEL}' (the shipped model), a checkpoint path or an MLflow model URI "
                          f"such as models:/idm@champion (default {DEFAULT_MODEL})")
     up.add_argument("--steps", type=int, default=None,
-                    help="denoising steps of a diffusion sample; 0: the regression output, no diffusion (default: "
-                         f"0 for a model that has a regression output, like the shipped one, else {SAMPLE.steps})")
+                    help="denoising steps of a diffusion sample; 0: the regression output, no diffusion (default: the "
+                         "model's: the regression output when it has one, like the shipped model, else preset balanced)")
     up.add_argument("--preset", choices=list(SAMPLE_PRESETS),
                     help="named sampler settings (bench/README.md, 'Perception-distortion'): fidelity = the regression "
                          "output; balanced = deterministic, more natural-looking (lower NIQE); perceptual = the lowest NIQE. "
@@ -284,9 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GroupNorm statistics of each tile (fast) or of the whole image (closer to the untiled "
                          f"result, much slower; see bench/README.md) (default {SAMPLE.tile_norm})")
     up.add_argument("--no-tiling", action="store_true", help="fail instead of tiling when over --max-memory-gb")
-    up.add_argument("--out", type=Path, default=Path("results"),
+    up.add_argument("-t", "--tile", type=parse_tile, default=0,
+                    help="LR tile side in px (default 0: automatic, tiles only above --max-memory-gb)")
+    up.add_argument("-o", "--out", type=Path, default=Path("results"),
                     help="output folder (default: results), or the output file for one input (e.g. out.jpg)")
-    up.add_argument("--suffix", default=None,
+    up.add_argument("--suffix", type=parse_suffix, default=None,
                     help="output names are <stem>_<suffix>.<ext> (default: x<scale>, or <W>x<H> with --size; '' for none)")
     up.add_argument("--ext", default="auto", choices=("auto", *OUTPUT_EXTS),
                     help="output format (default auto: the input's when png, jpg or webp, else png; "
@@ -300,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # Ctrl-C and SIGTERM unwind as KeyboardInterrupt from here on (pipeline.entry answered them
+    # until now), so a half-written output's temporary file is removed.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     if argv[:1] == ["serve"]:  # its own options: idm serve --help
         from pipeline.servers import main as serve
 
@@ -307,14 +385,14 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from pipeline.tracking import TrackingUnavailable
 
-    # SIGTERM unwinds like Ctrl-C, so a half-written output's temporary file is removed.
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         upscale(args)
     except (ImageReadError, ValueError, OSError, TrackingUnavailable) as err:  # OSError: a full disk, permissions
         print(f"idm: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        # the interrupt can land half way through a progress bar's line: start a line of our own
+        print("\r" if sys.stderr.isatty() else "\n", end="", file=sys.stderr)
         print("idm: interrupted; outputs finished so far are complete, nothing half-written is left", file=sys.stderr)
         sys.exit(130)
 
@@ -322,5 +400,5 @@ def main(argv: list[str] | None = None) -> None:
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m pipeline.entry` (the `idm` command) also answers Ctrl-C during imports
     main()

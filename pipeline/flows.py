@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
@@ -43,11 +42,19 @@ from pipeline.dvc_commands import (  # noqa: F401
     subprocess_env,
     workspace_lock,
 )
-from pipeline.params import ROOT, PromotionParams, check_pipeline, load, parse, read_yaml
+from pipeline.overrides import (  # noqa: F401 (OverrideError, override_value)
+    OverrideError,
+    check_params,
+    override_args,
+    override_value,
+    parse_cli_overrides,
+)
+from pipeline.params import ROOT, ParamsError, PromotionParams, load, read_yaml
 
 METRICS_FILE = "reports/metrics.json"
 REGISTERED_FILE = "models/idm/registered.json"  # written by the train stage
 RETRAIN_TARGETS = ("train", "quantize")  # retrain runs these and everything upstream of them
+BICUBIC = "bicubic"  # the "model URI" an evaluator scores as the bicubic baseline
 
 # evaluator(model_uri, label, project) -> evaluation (see pipeline.registry for its shape)
 Evaluator = Callable[[str, str, Path], dict[str, Any]]
@@ -76,15 +83,6 @@ def stage_task(stage: str) -> Any:
     return run_stage.with_options(name=f"dvc-{stage}")
 
 
-def override_value(value: Any) -> str:
-    """`value` in the grammar of `dvc exp run -S key=value` (Hydra's): JSON, except unquoted dict keys."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {override_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(override_value(v) for v in value) + "]"
-    return json.dumps(value)
-
-
 @task(name="dvc-experiment", cache_policy=NO_CACHE)
 def run_experiment(overrides: dict[str, Any], name: str, project: Path, pipeline_run: str,
                    lock_timeout: float = LOCK_TIMEOUT) -> dict[str, Any] | None:
@@ -100,7 +98,8 @@ def run_experiment(overrides: dict[str, Any], name: str, project: Path, pipeline
     `dvc exp show`. Like any DVC experiment it runs the committed code plus changes to
     tracked files; untracked new files must be `git add`-ed first.
     """
-    settings = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={override_value(value)}")]
+    settings = override_args(overrides, read_yaml(project / "params.yaml"))  # checked again: a task can run alone
+    settings = [arg for setting in settings for arg in ("-S", setting)]
     dvc(["exp", "run", "--temp", "--name", name, *settings], project=project, pipeline_run=pipeline_run,
         lock_timeout=lock_timeout)
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=project,
@@ -113,12 +112,13 @@ def run_experiment(overrides: dict[str, Any], name: str, project: Path, pipeline
 
 
 def stage_evaluator(model_uri: str, label: str, project: Path) -> dict[str, Any]:
-    """Score registered model `model_uri` on `<project>/data/prepared` with the evaluate stage, outside DVC."""
+    """Score registered model `model_uri` (or BICUBIC, the baseline) on `<project>/data/prepared`
+    with the evaluate stage, outside DVC."""
     with tempfile.TemporaryDirectory(prefix="idm-eval-") as tmp:
         out = Path(tmp)
         cmd = [sys.executable, "-m", "pipeline.stages.evaluate", "--params", str(project / "params.yaml"),
                "--prepared", str(project / "data" / "prepared"), "--model-uri", model_uri, "--label", label,
-               "--sr-out", str(out / "sr"), "--metrics", str(out / "metrics.json"),
+               "--sr-out", str(out / "sr"), "--metrics", str(out / "metrics.json"), "--headline", str(out / "headline"),
                "--unavailable", str(out / "unavailable.json"),
                "--scales", str(out / "scales.csv"), "--per-image", str(out / "per_image.csv")]
         run_command(cmd, cwd=project, env=subprocess_env(current_run_id()), log=flow_logger().info)
@@ -144,9 +144,10 @@ def score_model(evaluator: Evaluator, version: str, label: str, project: Path,
 
 @task(name="promotion-gate", cache_policy=NO_CACHE)
 def gate(candidate: str, champion: str | None, evaluations: dict[str, dict | None], rule: PromotionParams,
-         pipeline_run: str) -> dict[str, Any]:
-    """decide() then record_decision(); refuses to promote if the champion moved meanwhile."""
-    decision = registry.decide(evaluations["candidate"], evaluations["champion"], rule)
+         pipeline_run: str, references: dict[str, dict | None] | None = None) -> dict[str, Any]:
+    """decide() (against `references` when there is no champion) then record_decision(); refuses
+    to promote if the champion moved meanwhile."""
+    decision = registry.decide(evaluations["candidate"], evaluations["champion"], rule, references)
     now = registry.version_by_alias(registry.CHAMPION)
     if decision.promote and now != champion:
         decision = registry.Decision(False, f"the champion changed from {champion} to {now} during this retrain; "
@@ -171,16 +172,6 @@ def stage_runs(pipeline_run: str) -> dict[str, list[str]]:
     return out
 
 
-def check_params(path: Path, overrides: dict[str, Any]) -> None:
-    """Raise ParamsError unless params.yaml, with `overrides` ({"train.steps": 500}) applied, is valid."""
-    raw = read_yaml(path)
-    for key, value in overrides.items():
-        section, _, name = str(key).partition(".")
-        if isinstance(raw, dict) and name and "." not in name and isinstance(raw.get(section, {}), dict):
-            raw[section] = {**(raw.get(section) or {}), name: value}
-    check_pipeline(parse(raw))
-
-
 # --- flows --------------------------------------------------------------------------------------
 
 @flow(name="idm-pipeline")
@@ -188,7 +179,9 @@ def pipeline(overrides: dict[str, Any] | None = None, project: str | None = None
              lock_timeout: float = LOCK_TIMEOUT) -> dict[str, Any]:
     """Run the DVC pipeline; `overrides` ({"prepare.seed": 1, ...}) change params for this run only.
 
-    Returns {"metrics": reports/metrics.json, "runs": {stage: [MLflow run ids]},
+    Each override sets one `section.key` of params.yaml to plain data (pipeline.overrides) and the
+    merged params must pass the pipeline's check; otherwise the run fails with OverrideError
+    naming it before DVC runs. Returns {"metrics": reports/metrics.json, "runs": {stage: [MLflow run ids]},
     "stages": {stage: "ran" | "restored" | "skipped"}, "experiment": name or None}.
     """
     from pipeline.tracking import setup
@@ -243,9 +236,23 @@ def retrain(project: str | None = None, refresh_data: bool = True, evaluator: Ev
         if version is not None:
             evaluations[label] = score_model(evaluate_fn, version, label, root, lock_timeout)
             registry.log_evaluation(version, label, evaluations[label], flow="retrain", pipeline_run=run_id)
-    verdict = gate(candidate, champion, evaluations, params.promotion, run_id)
+    references = {} if champion is not None else reference_evaluations(evaluate_fn, candidate, root, lock_timeout)
+    verdict = gate(candidate, champion, evaluations, params.promotion, run_id, references)
     return {**result, **verdict, "champion_after": candidate if verdict["promoted"] else champion,
             "runs": stage_runs(run_id)}
+
+
+def reference_evaluations(evaluate_fn: Evaluator, candidate: str, root: Path,
+                          lock_timeout: float = LOCK_TIMEOUT) -> dict[str, dict | None]:
+    """What a first champion must beat: the shipped pretrained model (its registered version, alias
+    `pretrained`, when `dvc repro` has registered it) and bicubic, scored like the candidate."""
+    references: dict[str, dict | None] = {}
+    shipped = registry.version_by_alias(registry.PRETRAINED)
+    if shipped is not None and shipped != candidate:
+        references["the shipped pretrained model"] = score_model(evaluate_fn, shipped, "pretrained", root, lock_timeout)
+    with workspace_lock(root, lock_timeout):
+        references["bicubic"] = evaluate_fn(BICUBIC, "bicubic", root)
+    return references
 
 
 class NoChampion(RuntimeError):
@@ -291,10 +298,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.set and args.flow != "pipeline":
         parser.error("-S/--set applies to the pipeline flow only")
-    overrides = {key: yaml.safe_load(value) for key, _, value in (s.partition("=") for s in args.set)}
-    try:
+    try:  # what the flow checks, checked first here: one line instead of Prefect's logged traceback
+        overrides = parse_cli_overrides(args.set)
+        if args.flow == "pipeline":
+            check_params(ROOT / "params.yaml", overrides)
+        else:
+            load(ROOT / "params.yaml")
         result = {"pipeline": lambda: pipeline(overrides=overrides or None), "retrain": retrain,
                   "evaluate": evaluate}[args.flow]()
+    except ParamsError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     except NoChampion as err:
         raise SystemExit(f"error: {err}") from None
     print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2, default=str))

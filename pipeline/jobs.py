@@ -32,14 +32,18 @@ class Job:
 def expand(inputs: list[Path], *, recursive: bool, skip: Path | None = None) -> list[tuple[Path, Path]]:
     """(file, its path relative to the output folder without suffix) for every input; a folder
     gives its images (all below it with `recursive`, except under `skip`, the output folder),
-    sorted. ValueError for a folder with no images; files are checked later, by their reader."""
+    sorted; hidden files and folders (a name starting with '.', like macOS's `._x.png`) are left
+    out. ValueError for a folder with no images or one that is the output folder itself; files
+    are checked later, by their reader."""
     out: list[tuple[Path, Path]] = []
     for item in inputs:
         if not item.is_dir():
             out.append((item, Path(item.stem)))
             continue
+        if skip is not None and item.resolve() == skip.resolve():
+            raise ValueError(f"--out {skip} is also an input folder; write the outputs to another folder")
         found = sorted(p for p in (item.rglob("*") if recursive else item.iterdir())
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p.relative_to(item))
                        and not (skip is not None and _inside(p, skip)))
         if not found:
             where = "in or below" if recursive else "directly in"
@@ -85,6 +89,18 @@ def plan(inputs: list[Path], out: Path, *, suffix: str | Callable[[Path], str], 
 def _auto_ext(src: Path, alpha: bool) -> str:
     fmt = _FORMAT_EXT.get(src.suffix.lower(), "png")
     return "png" if alpha and fmt == "jpg" else fmt
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def check_suffix(text: str) -> str:
+    """`text` as an output-name suffix: ValueError if it could leave the output folder or is no
+    file name part (a path separator, '..', a control character)."""
+    if any(sep in text for sep in ("/", "\\", os.sep)) or ".." in text or any(ord(c) < 32 for c in text):
+        raise ValueError(f"--suffix {text!r}: must be part of a file name (no '/', '\\', '..' or control characters)")
+    return text
 
 
 def _inside(path: Path, folder: Path) -> bool:

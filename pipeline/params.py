@@ -319,14 +319,27 @@ def build_train(data: Any) -> tuple[TrainConfig, TrainStageParams]:
     return config, build(TrainStageParams, stage, "train")
 
 
+SECTIONS = ("datasets", "prepare", "model", "diffusion", "train", "sample", "evaluate", "report", "promotion",
+            "schedules")
+
+
+def section_keys() -> dict[str, tuple[str, ...]]:
+    """The keys each mapping section of params.yaml accepts, sorted (`datasets`, a list, is not one)."""
+    classes = {"prepare": [PrepareParams], "model": [ModelConfig], "diffusion": [DiffusionConfig],
+               "train": [TrainConfig, TrainStageParams], "sample": [SampleConfig], "evaluate": [EvaluateParams],
+               "report": [ReportParams], "promotion": [PromotionParams], "schedules": [ScheduleParams]}
+    extra = {"model": ["preset"], "sample": ["preset"]}
+    return {section: tuple(sorted({f.name for c in cs for f in dataclasses.fields(c)} | set(extra.get(section, ()))))
+            for section, cs in classes.items()}
+
+
 def parse(raw: Any) -> Params:
     """Validate a params mapping (as loaded from YAML) into `Params`."""
     if not isinstance(raw, dict):
         raise ParamsError("params.yaml must be a mapping of sections")
-    sections = {"datasets", "prepare", "model", "diffusion", "train", "sample", "evaluate", "report", "promotion", "schedules"}
-    unknown = sorted(set(raw) - sections)
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ParamsError(f"params.yaml: unknown section {unknown[0]!r}; allowed sections: {sorted(sections)}")
+        raise ParamsError(f"params.yaml: unknown section {unknown[0]!r}; allowed sections: {sorted(SECTIONS)}")
     datasets = raw.get("datasets")
     if not isinstance(datasets, list):
         raise ParamsError("params.yaml: datasets must be a list of datasets")

@@ -26,6 +26,7 @@ from pipeline.tracking import MODEL_NAME
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
+PRETRAINED = "pretrained"  # the shipped weights' version (register_pretrained stage)
 INT8_SUFFIX = "-int8"  # candidate-int8 is the int8 version quantized from the candidate
 
 # Scores are rounded to 1e-6 in metrics.json; this keeps "exactly the threshold" on the passing side.
@@ -64,20 +65,39 @@ def comparison_table(candidate: dict[str, Any], champion: dict[str, Any] | None,
     return table
 
 
-def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, gate: PromotionParams) -> Decision:
+def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, gate: PromotionParams,
+           references: dict[str, dict[str, Any] | None] | None = None) -> Decision:
     """Apply the promotion gate to two evaluations (see the module docstring for their shape).
 
-    Promote when there is no champion yet, or when (a) the mean of `gate.metric` over the
-    in-distribution dataset x scale pairs improves by at least `gate.min_improvement` and
-    (b) no dataset x scale, in or out of distribution, drops by more than `gate.max_drop`.
-    A pair the champion was scored on but the candidate was not fails the gate: a drop
-    there could not be ruled out.
+    Promote when (a) the mean of `gate.metric` over the in-distribution dataset x scale pairs
+    improves on the champion's by at least `gate.min_improvement` and (b) no dataset x scale,
+    in or out of distribution, drops by more than `gate.max_drop`. A pair the champion was
+    scored on but the candidate was not fails the gate: a drop there could not be ruled out.
+    With no champion yet, the candidate must pass the same gate against every evaluation in
+    `references` (e.g. {"the shipped pretrained model": ..., "bicubic": ...}; None values are
+    skipped), so a first champion is never worse than what a user has without one.
     """
+    if champion is not None:
+        return _against(candidate, champion, gate)
+    compared = [(name, _against(candidate, ref, gate)) for name, ref in (references or {}).items() if ref is not None]
+    for name, verdict in compared:
+        if not verdict.promote:
+            return Decision(False, f"no champion yet, so compared with {name}: {verdict.reason}", verdict.table)
+    if not compared:
+        table = comparison_table(candidate, None, gate.metric)
+        if table.candidate.isna().all():
+            return Decision(False, f"candidate has no {gate.metric} scores", table)
+        return Decision(True, "first model: there is no champion yet and no reference to compare with", table)
+    names = " and ".join(name for name, _ in compared)
+    return Decision(True, f"no champion yet; passes the gate against {names}: {compared[0][1].reason}",
+                    compared[0][1].table)
+
+
+def _against(candidate: dict[str, Any], champion: dict[str, Any], gate: PromotionParams) -> Decision:
+    """The gate of `decide` against one evaluation `champion` (a champion or a reference)."""
     table = comparison_table(candidate, champion, gate.metric)
     if table.candidate.isna().all():
         return Decision(False, f"candidate has no {gate.metric} scores", table)
-    if champion is None:
-        return Decision(True, "first model: there is no champion yet", table)
     missing = table[table.candidate.isna() & table.champion.notna()]
     if not missing.empty:
         where = ", ".join(f"{r.dataset} x{r.scale:g}" for r in missing.itertuples())

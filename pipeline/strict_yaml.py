@@ -1,11 +1,14 @@
 """Strict YAML reading: no aliases, no duplicate keys, no oversized files, one-line errors.
 
 Aliases (`*name`) can expand a few bytes into gigabytes for any reader of the file (DVC
-included), and with a duplicate key the later value would silently win.
+included), and with a duplicate key the later value would silently win. Numbers written
+with an exponent and no dot (`1e-06`) are floats, as in YAML 1.2: DVC writes overridden
+floats that way (`dvc exp run -S`), and PyYAML alone would read them as strings.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,24 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+_StrictLoader.add_implicit_resolver(  # copies SafeLoader's resolvers first: SafeLoader is unchanged
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def loads_strict(text: str) -> Any:
+    """The YAML document in `text`, with the rules of `read_strict` (no aliases, no duplicate
+    keys); StrictYAMLError with a one-line message otherwise."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except StrictYAMLError:
+        raise
+    except yaml.YAMLError as err:
+        problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+        detail = f"line {mark.line + 1}: {problem}" if problem and mark else " ".join(str(err).split())
+        raise StrictYAMLError(f"not valid YAML ({detail})") from None
+
+
 def read_strict(path: str | Path, *, what: str = "YAML file") -> Any:
     """The YAML document at `path`; StrictYAMLError ("<path>: ...") if it is missing, over
     MAX_FILE_BYTES, invalid, or uses an alias or a duplicate key. `what` names the file's kind."""
@@ -48,8 +69,6 @@ def read_strict(path: str | Path, *, what: str = "YAML file") -> Any:
     if path.stat().st_size > MAX_FILE_BYTES:
         raise StrictYAMLError(f"{path}: {path.stat().st_size} bytes, too large for a {what} (at most {MAX_FILE_BYTES})")
     try:
-        return yaml.load(path.read_text(), Loader=_StrictLoader)
-    except StrictYAMLError as err:  # an alias or a duplicate key: the loader names the line
+        return loads_strict(path.read_text())
+    except StrictYAMLError as err:  # the loader names the line
         raise StrictYAMLError(f"{path}: {err}") from None
-    except yaml.YAMLError as err:
-        raise StrictYAMLError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from idm.config import SAMPLERS, SPACINGS, check_temperature
+from idm.config import SAMPLERS, SPACINGS, SampleConfig
 from idm.diffusion.noise import gaussian_like
 from idm.diffusion.schedule import Schedule
 
@@ -108,21 +108,20 @@ assert set(SAMPLER_FUNCTIONS) == set(SAMPLERS)
 
 @torch.no_grad()
 def super_resolve(model: nn.Module, lr: Tensor, size: tuple[int, int], timesteps: Sequence[int], *,
-                  schedule: Schedule, sampler: Sampler = sample_ddpm, eta: float | None = None,
-                  clip_x0: bool = True, temperature: float = 1.0, decode: Decoder | None = None,
+                  schedule: Schedule, sample: SampleConfig, clip_x0: bool = True, decode: Decoder | None = None,
                   generator: torch.Generator | None = None) -> Tensor:
     """Upscale lr (B, 3, h, w) in [-1, 1] to size (H, W): (B, 3, H, W) in [-1, 1].
 
-    The LR condition is computed once, then `sampler` runs from Gaussian noise times
-    `temperature` with its own default eta unless one is given. temperature = 1 draws
-    from the model's distribution; < 1 (as in SR3's and Glow's reduced-temperature
-    sampling) trades generated detail for fidelity: less texture, higher PSNR.
-    Returns the sampler's x_0, or decode(x_0, lr, cond) when a decoder is given (to
-    turn a residual target back into an image; idm.diffusion.targets).
+    The LR condition is computed once, then the sampler `sample.sampler` names (SAMPLER_FUNCTIONS)
+    runs over `timesteps` with `sample.eta`, from Gaussian noise times `sample.temperature`:
+    1 draws from the model's distribution; < 1 (as in SR3's and Glow's reduced-temperature
+    sampling) trades generated detail for fidelity: less texture, higher PSNR. The signature of
+    idm.inference.tiling.tiled_super_resolve, which runs the same tile by tile. Returns the
+    sampler's x_0, or decode(x_0, lr, cond) when a decoder is given (to turn a residual target
+    back into an image; idm.diffusion.targets).
     """
-    check_temperature(temperature)
     cond = model.condition(lr, size)
-    x_T = temperature * gaussian_like(cond.x_con, generator)
-    extra = {} if eta is None else {"eta": eta}
-    x0 = sampler(model, cond, x_T, timesteps, schedule=schedule, clip_x0=clip_x0, generator=generator, **extra)
+    x_T = sample.temperature * gaussian_like(cond.x_con, generator)
+    x0 = SAMPLER_FUNCTIONS[sample.sampler](model, cond, x_T, timesteps, schedule=schedule, eta=sample.eta,
+                                           clip_x0=clip_x0, generator=generator)
     return x0 if decode is None else decode(x0, lr, cond)

@@ -54,7 +54,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from idm.checkpoint import content_digest, load_plain
+from idm.checkpoint import broadcast_views, check_weights, content_digest, load_plain
 from idm.config import ModelConfig
 from idm.diffusion.noise import gaussian_like
 from idm.diffusion.sampling import Sampler, sample_ddim
@@ -271,11 +271,17 @@ def load_quantized(path: str | os.PathLike) -> IDM:
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
             raise ValueError(f"{path}: not an int8 IDM file of format {FORMAT!r} (format: {found!r})")
+        view = next(broadcast_views(blob), None)
+        if view is not None:  # a few bytes on disk, any size once the digest copies it
+            raise ValueError(f"{path}: not an int8 model written by idm: it holds a tensor of shape "
+                             f"{tuple(view.shape)} backed by only {view.untyped_storage().nbytes()} bytes")
         if blob.get("sha256") != content_digest(blob):
             raise ValueError(f"{path}: corrupt int8 model: its contents do not match the sha256 recorded when it "
                              "was saved; run the quantize stage again (dvc repro quantize)")
-        model = _empty_int8(ModelConfig(**blob["model_config"]), blob["float_convs"])
+        cfg = ModelConfig(**blob["model_config"])
         state = dict(blob["state"], **{k: _unpack(v) for k, v in blob["int8_weights"].items()})
+        check_weights(cfg, state, source=str(path), exact=False)  # before building: no bigger than these weights
+        model = _empty_int8(cfg, blob["float_convs"])
         model.load_state_dict(state)
     model.reduce_range = blob["reduce_range"]
     return model

@@ -6,6 +6,7 @@ Evaluation, the report and the CLI only see `Method`; bicubic is the baseline, a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -14,8 +15,8 @@ import torch
 from torch import nn
 
 from idm.checkpoint import build_model, load_checkpoint
-from idm.config import ConfigError, DiffusionConfig, SampleConfig
-from idm.diffusion.sampling import SAMPLER_FUNCTIONS, spaced_timesteps, super_resolve
+from idm.config import SAMPLE_PRESETS, ConfigError, DiffusionConfig, SampleConfig, default_preset
+from idm.diffusion.sampling import spaced_timesteps, super_resolve
 from idm.diffusion.schedule import schedule_for
 from idm.diffusion.targets import decoder
 from idm.inference.memory import choose_tile, untiled_peak_bytes
@@ -86,14 +87,24 @@ class DiffusionSR:
         self._sample = sample
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, sample: SampleConfig = SampleConfig(), *,
+    def from_checkpoint(cls, path: str | Path, sample: SampleConfig | None = None, *,
                         device: torch.device | str = "cpu", name: str = "idm") -> DiffusionSR:
-        """Rebuild the EMA model a checkpoint describes, with its own schedule and target."""
+        """Rebuild the EMA model a checkpoint describes, with its own schedule and target.
+
+        `sample` None: the model's default (`use_default_sample`)."""
         ckpt = load_checkpoint(path)
         train = ckpt["train_config"]
+        regression = train.get("condition_loss", 0.0) > 0
         return cls(build_model(ckpt, use_ema=True), diffusion=DiffusionConfig(**ckpt["diffusion_config"]),
-                   target=train["target"], residual_scale=train["residual_scale"], sample=sample,
-                   device=device, name=name, regression=train.get("condition_loss", 0.0) > 0)
+                   target=train["target"], residual_scale=train["residual_scale"],
+                   sample=sample or SampleConfig(**SAMPLE_PRESETS[default_preset(regression)]),
+                   device=device, name=name, regression=regression)
+
+    def use_default_sample(self) -> DiffusionSR:
+        """Sample with this model's default preset (idm.config.default_preset: the regression output
+        when the model has one), keeping the other settings (seed, tiling, threads)."""
+        self.sample = replace(self.sample, **SAMPLE_PRESETS[default_preset(self.regression)])
+        return self
 
     def __call__(self, lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return self.upscale(lr, size, self.tile_for(lr.shape[:2], size))
@@ -109,10 +120,8 @@ class DiffusionSR:
         if not self.sample.steps:
             return out(self._regression(x_lr, size, tile))
         if tile is None:
-            s = self.sample
-            image = super_resolve(self.model, x_lr, size, self.timesteps, schedule=self.schedule,
-                                  sampler=SAMPLER_FUNCTIONS[s.sampler], eta=s.eta, clip_x0=self.clip_x0,
-                                  temperature=s.temperature, decode=self.decode, generator=generator)
+            image = super_resolve(self.model, x_lr, size, self.timesteps, schedule=self.schedule, sample=self.sample,
+                                  clip_x0=self.clip_x0, decode=self.decode, generator=generator)
         else:
             image = tiled_super_resolve(self.model, x_lr, size, self.timesteps, schedule=self.schedule,
                                         sample=self.sample, tile=tile, clip_x0=self.clip_x0, decode=self.decode,

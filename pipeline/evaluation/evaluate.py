@@ -1,10 +1,11 @@
 """Run a method over LR/HR pairs and score it, per image and per dataset x scale.
 
 Metric conventions (BasicSR/SwinIR): images in [0, 255]; PSNR/SSIM on the Y channel
-(BT.601) and on RGB after cropping ceil(scale) border pixels; LR-consistency is the
-MSE of the resized-down output against the LR input; LPIPS (AlexNet) and NIQE (no
-reference) per image; FID and KID per dataset x scale over patches of the whole set.
-Names follow `<metric>.<dataset>.x<scale>`.
+(BT.601) and on RGB after cropping ceil(scale) border pixels; hf_ratio is the Y Laplacian
+energy of the output over the HR's on the same crop; LR-consistency is the MSE of the
+resized-down output against the LR input; LPIPS (AlexNet) and NIQE (no reference, on images
+of at least niqe.MIN_BLOCKS whole 96x96 blocks) per image; FID and KID per dataset x scale
+over patches of the whole set. Names follow `<metric>.<dataset>.x<scale>`.
 """
 
 from __future__ import annotations
@@ -21,29 +22,39 @@ from pipeline.data.datasets import scale_tag
 from pipeline.data.images import read_image, write_image
 from pipeline.evaluation import metrics
 from pipeline.evaluation.names import PER_IMAGE_METRICS, metric_name
-from pipeline.evaluation.niqe import PristineModel
+from pipeline.evaluation.niqe import MIN_BLOCKS, PristineModel
 
 
 def score_image(sr: np.ndarray, hr: np.ndarray, lr: np.ndarray, scale: float, lpips: metrics.LPIPS | None,
                 niqe: PristineModel | None = None) -> dict[str, float]:
-    """All per-image metrics of one (H, W, 3) uint8 SR image against its HR and LR
-    (NIQE is NaN for an image too small for it, under two 96x96 blocks)."""
+    """All per-image metrics of one (H, W, 3) uint8 SR image against its HR and LR.
+
+    A metric that cannot be computed honestly is NaN, never a number from bad inputs:
+    hf_ratio for a flat HR image, NIQE for an image under niqe.MIN_BLOCKS whole 96x96 blocks
+    (or one too flat to fit); the evaluate stage reports why under the metric's name.
+    """
     border = metrics.border_for(scale)
     scores = {
         "psnr_y": metrics.psnr(sr, hr, border=border, y_channel=True),
         "ssim_y": metrics.ssim(sr, hr, border=border, y_channel=True),
         "psnr_rgb": metrics.psnr(sr, hr, border=border, y_channel=False),
         "ssim_rgb": metrics.ssim(sr, hr, border=border, y_channel=False),
+        "hf_ratio": _or_nan(lambda: metrics.hf_ratio(sr, hr, border=border)),
         "consistency": metrics.lr_consistency(sr, lr),
     }
     if lpips is not None:
         scores["lpips"] = lpips(sr, hr)
     if niqe is not None:
-        try:
-            scores["niqe"] = niqe(sr)
-        except ValueError:
-            scores["niqe"] = float("nan")
+        scores["niqe"] = _or_nan(lambda: niqe(sr, min_blocks=MIN_BLOCKS))
     return scores
+
+
+def _or_nan(compute: Callable[[], float]) -> float:
+    try:
+        value = compute()
+    except metrics.MetricUnavailable:
+        return float("nan")
+    return value if np.isfinite(value) else float("nan")
 
 
 def run_method(

@@ -2,10 +2,13 @@
 
 Every image argument is an (H, W, 3) uint8 numpy array, RGB, in [0, 255].
 
-- `psnr`, `ssim`: BasicSR conventions (REFERENCE.md, "Metrics conventions"): on [0, 255],
+- `psnr`, `ssim`: BasicSR conventions, as SR papers report them (docs/metrics.md): on [0, 255],
   `border_for(scale)` pixels cropped from every side, on the BT.601 Y channel or on RGB;
   SSIM with an 11x11 Gaussian window, sigma 1.5 (Wang et al. 2004). Computed with
   torchmetrics; tests/pipeline/evaluation/test_metrics.py checks them against skimage.metrics.
+- `hf_ratio`: fine detail without weights, the energy of the discrete Laplacian of the
+  output's BT.601 Y over that of the ground truth's (same border crop as PSNR): 1 = as
+  much fine detail as the real photo, below 1 smoother, above 1 noisier or over-sharpened.
 - `lr_consistency`: SR3/IDM consistency, the MSE between the downsampled output and the
   LR input on [0, 1] (papers report it x1e-5).
 - `LPIPS` (AlexNet) and `InceptionDistances` (FID and KID on Inception-v3 pool3 features
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import lpips
 import numpy as np
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -40,6 +44,9 @@ from idm.resize import resize
 
 # BT.601 luma weights for RGB in [0, 1], giving Y in [16, 235] (BasicSR rgb2ycbcr, y_only=True).
 _BT601_Y = np.array([65.481, 128.553, 24.966])
+# Laplacian energy below which an image has no fine detail (hf_ratio's reference): above float64
+# rounding on a flat or linear Y (~1e-27), far below one blue level in one pixel of a 9 Mpx image (2e-8).
+_NO_DETAIL = 1e-15
 _SSIM_SIGMA = 1.5
 _SSIM_KERNEL = 11
 
@@ -107,6 +114,36 @@ def ssim(sr: np.ndarray, hr: np.ndarray, *, border: int, y_channel: bool) -> flo
         x, y, gaussian_weights=True, sigma=_SSIM_SIGMA, win_size=_SSIM_KERNEL, use_sample_covariance=False,
         data_range=255.0, K1=0.01, K2=0.03, channel_axis=None if y_channel else -1,
     ))
+
+
+def laplacian_energy(img: np.ndarray, *, border: int) -> float:
+    """Mean square of the 5-point discrete Laplacian (scipy.ndimage.laplace) of the BT.601 Y
+    (`rgb_to_y`, on [16, 235]) of an (H, W, 3) uint8 RGB image, over the pixels left after
+    cropping `border` >= 1 from each side (so no value depends on the padding). >= 0; 0 (to
+    float rounding) where Y has no curvature (flat, or a linear ramp). It weighs each spatial
+    frequency by the fourth power of its magnitude, so the finest detail dominates it."""
+    if border < 1:
+        raise ValueError(f"border must be >= 1 (the Laplacian reads one pixel around each), got {border}")
+    lap = scipy.ndimage.laplace(rgb_to_y(img))
+    return float(np.mean(np.square(crop_border(lap, border))))
+
+
+def hf_ratio(sr: np.ndarray, hr: np.ndarray, *, border: int) -> float:
+    """Fine detail of an SR output relative to its ground truth: `laplacian_energy(sr)` /
+    `laplacian_energy(hr)`, both (H, W, 3) uint8 RGB in [0, 255], cropped by `border` (as PSNR).
+
+    In [0, inf): 1.0 = as much fine-detail energy as the ground truth, below 1 smoother,
+    above 1 noisier or over-sharpened; 1.0 exactly for identical images. It says how much
+    detail, not whether it is the right detail (PSNR/LPIPS do). Raises MetricUnavailable when
+    the HR has no such energy (a flat or linear Y), as the ratio is then undefined. It needs
+    no pretrained weights, unlike LPIPS/FID, and is valid at any image size, unlike NIQE.
+    """
+    _check_pair(sr, hr)
+    reference = laplacian_energy(hr, border=border)
+    if reference < _NO_DETAIL:
+        raise MetricUnavailable("hf_ratio: the HR image has no fine detail (its Y Laplacian is 0 after the "
+                                f"{border} px border crop: a flat or linear Y), so the ratio is undefined")
+    return laplacian_energy(sr, border=border) / reference
 
 
 def lr_consistency(sr: np.ndarray, lr: np.ndarray) -> float:

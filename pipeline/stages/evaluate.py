@@ -1,7 +1,9 @@
 """evaluate stage: run each method over every test pair; write metrics and log them to MLflow.
 
 Outputs: data/sr/<method>/<dataset>/x<scale>/<image>.png (the SR images),
-reports/metrics.json (DVC metrics: numbers only, {method: {name: value}}),
+reports/metrics.json (every number: {method: {name: value}}), reports/headline/<method>.json
+(DVC's metrics: Y-PSNR at x2, x4 and x8 and SSIM / hf_ratio at x4, so `dvc metrics show` is one
+row per method that fits a screen),
 reports/unavailable.json (why a metric has no number: {name: reason}), reports/scales.csv
 (DVC plots: one row per method x dataset x scale), reports/per_image.csv, and one MLflow
 run per method.
@@ -27,18 +29,22 @@ from idm.inference.upscaler import Bicubic, DiffusionSR, Method
 from pipeline import tracking
 from pipeline.evaluation import metrics, weights
 from pipeline.evaluation.evaluate import inception_by_group, run_method, summarize
-from pipeline.evaluation.names import ALL_METRICS, SET_METRICS, metric_name
-from pipeline.evaluation.niqe import PristineModel
+from pipeline.evaluation.names import ALL_METRICS, SET_METRICS, metric_name, parse_metric_name
+from pipeline.evaluation.niqe import PristineModel, too_few_blocks
 from pipeline.params import METHODS, ROOT, EvaluateParams, Params, flatten, load
 from pipeline.stages import run
 from pipeline.workspace import staged_dir
 
 
-def build_methods(params: Params, checkpoint: Path, device: str) -> list[Method]:
+HEADLINE_SCALES = (2.0, 4.0, 8.0)  # Y-PSNR at these; SSIM and hf_ratio at the middle one (x4)
+
+
+def build_methods(params: Params, checkpoint: Path, device: str, int8: Path | None = None) -> list[Method]:
     """The methods params.yaml asks for: `idm` is the trained checkpoint's EMA model
     sampled as params.yaml's `sample` says, `idm-regression` its regression output
-    (sample.steps = 0), `pretrained` and `pretrained-regression` the same two of the
-    model shipped in the package (idm.pretrained)."""
+    (sample.steps = 0), `idm-int8` the sample with the int8 denoiser at `int8` (default: the
+    quantize stage's output beside the checkpoint's folder), `pretrained` and
+    `pretrained-regression` the same two of the model shipped in the package (idm.pretrained)."""
     regression = dataclasses.replace(params.sample, steps=0)
 
     def trained(sample: SampleConfig, name: str) -> Method:
@@ -47,10 +53,10 @@ def build_methods(params: Params, checkpoint: Path, device: str) -> list[Method]
         return DiffusionSR.from_checkpoint(checkpoint, sample, device=device, name=name)
 
     def idm_int8() -> Method:
-        int8 = checkpoint.parent.parent / "idm-int8" / "model_int8.pt"
-        if not int8.is_file():
-            raise FileNotFoundError(f"{int8}: no int8 model; run the quantize stage first (dvc repro quantize)")
-        return trained(params.sample, "idm-int8").use_int8(int8)
+        path = int8 or checkpoint.parent.parent / "idm-int8" / "model_int8.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no int8 model; run the quantize stage first (dvc repro quantize)")
+        return trained(params.sample, "idm-int8").use_int8(path)
 
     def shipped(sample: SampleConfig, name: str) -> Method:
         from idm.pretrained import weights
@@ -70,8 +76,13 @@ def build_methods(params: Params, checkpoint: Path, device: str) -> list[Method]
 
 
 def model_uri_method(args: argparse.Namespace, params: Params, device: str) -> list[Method]:
-    """A registered model (models:/idm@champion, models:/idm/3, runs:/...) as the only method;
-    its download is removed once the weights are loaded."""
+    """A registered model (models:/idm@champion, models:/idm/3, runs:/...) as the only method,
+    or bicubic for "bicubic" (the promotion gate's floor); a download is removed once the weights
+    are loaded."""
+    if args.model_uri == "bicubic":
+        method = Bicubic()
+        method.name = args.label
+        return [method]
     import tempfile
 
     from pipeline.mlflow_model import checkpoint_from_uri
@@ -141,19 +152,38 @@ def load_scorers(cfg: EvaluateParams, device: str) -> Scorers:
     return out
 
 
-def mark_niqe_gaps(table: pd.DataFrame, per_image: pd.DataFrame, unavailable: dict[str, str]) -> None:
-    """A dataset x scale with any image too small for NIQE gets no NIQE (a mean over the
-    others would not compare with other scales), and the reason."""
-    if "niqe" not in per_image:
-        return
+def mark_gaps(table: pd.DataFrame, per_image: pd.DataFrame, pairs: pd.DataFrame, unavailable: dict[str, str]) -> None:
+    """A method x dataset x scale with any image lacking hf_ratio or NIQE gets no mean of it
+    (a mean over the others would not compare with other scales), and the reason under
+    its name. `pairs` (the manifest's test rows) gives the HR sizes."""
+    sizes = per_image.merge(pairs[["dataset", "image", "scale", "hr_h", "hr_w"]], how="left",
+                            on=["dataset", "image", "scale"], validate="many_to_one")
+    reasons: dict[str, list[str]] = {}
     for row in table.itertuples():
-        group = per_image[(per_image.method == row.method) & (per_image.dataset == row.dataset)
-                          & (per_image.scale == row.scale)]
-        missing = int(group.niqe.isna().sum())
-        if missing:
-            table.loc[row.Index, "niqe"] = float("nan")
-            unavailable[metric_name("niqe", row.dataset, row.scale)] = (
-                f"{missing} of {len(group)} images are under two whole 96x96 blocks, NIQE's minimum")
+        group = sizes[(sizes.method == row.method) & (sizes.dataset == row.dataset) & (sizes.scale == row.scale)]
+        for metric in ("hf_ratio", "niqe"):
+            if metric in group and group[metric].isna().any():
+                table.loc[row.Index, metric] = float("nan")
+                said = reasons.setdefault(metric_name(metric, row.dataset, row.scale), [])
+                reason = gap_reason(metric, row.method, group)
+                if reason not in said:
+                    said.append(reason)
+    unavailable.update({name: " | ".join(said) for name, said in reasons.items()})
+
+
+def gap_reason(metric: str, method: str, group: pd.DataFrame) -> str:
+    """One sentence on why `metric` is NaN for some images of `group` (one method x dataset x
+    scale, with the HR sizes hr_h, hr_w)."""
+    missing = group[group[metric].isna()]
+    if metric == "hf_ratio":
+        return (f"{len(missing)} of {len(group)} HR images have no fine detail (a zero Y Laplacian), "
+                "so hf_ratio is undefined")
+    small = [r for r in (too_few_blocks(h, w) for h, w in zip(missing.hr_h, missing.hr_w)) if r is not None]
+    flat = len(missing) - len(small)
+    parts = [f"{method}: NIQE is undefined for {flat} of {len(group)} outputs (too flat to fit)"] if flat else []
+    if small:
+        parts.append(f"{len(small)} of {len(group)} images are too small for NIQE: {small[0]}")
+    return "; ".join(parts)
 
 
 def metrics_dict(table: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -168,21 +198,39 @@ def metrics_dict(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
+def headline(numbers: dict[str, dict[str, float]], scales: list[float]) -> dict[str, dict[str, float]]:
+    """{method: {name: value}} with Y-PSNR at HEADLINE_SCALES (those evaluated; else every scale)
+    and SSIM and hf_ratio at the middle one, per dataset: a table that fits a screen."""
+    chosen = [s for s in HEADLINE_SCALES if s in scales] or sorted(scales)
+    middle = chosen[len(chosen) // 2]
+    wanted = {("psnr_y", s) for s in chosen} | {("ssim_y", middle), ("hf_ratio", middle)}
+    out = {}
+    for method, named in numbers.items():
+        out[method] = {name: value for name, value in named.items()
+                       if (name.split(".")[0], parse_metric_name(name)[2]) in wanted}
+    return out
+
+
 def log_to_mlflow(params: Params, table: pd.DataFrame, numbers: dict, unavailable: dict[str, str], scales_csv: Path,
                   extra_tags: dict[str, str]) -> None:
-    """One MLflow run per method: flat metrics, a per-scale series (step = 10 x scale), tags."""
+    """One MLflow run per method: flat metrics (<metric>.<dataset>.x<scale>), its rows of the per-scale
+    table as `scales.json` (MLflow's table view), a Y-PSNR-vs-scale chart, scales.csv, tags."""
+    import tempfile
+
     import mlflow
+
+    from pipeline.evaluation.report import plot_psnr_vs_scale
 
     datasets = ",".join(sorted(table.dataset.unique()))
     for method, named in numbers.items():
         tags = {"method": method, "datasets": datasets, **extra_tags,
                 **{f"unavailable.{k}": v[:5000] for k, v in unavailable.items()}}
-        with mlflow_run(params, tags):
+        rows = table[table.method == method].reset_index(drop=True)
+        with mlflow_run(params, tags), tempfile.TemporaryDirectory(prefix="idm-eval-") as tmp:
             mlflow.log_metrics(named)
-            for row in table[table.method == method].itertuples(index=False):
-                series = {f"{m}.{row.dataset}": float(getattr(row, m)) for m in ALL_METRICS
-                          if m in table and math.isfinite(getattr(row, m))}
-                mlflow.log_metrics(series, step=round(10 * row.scale))
+            mlflow.log_table(rows, artifact_file="scales.json")
+            plot_psnr_vs_scale(rows, Path(tmp) / "psnr_y_vs_scale.png")
+            mlflow.log_artifact(str(Path(tmp) / "psnr_y_vs_scale.png"))
             mlflow.log_artifact(str(scales_csv))
 
 
@@ -193,8 +241,11 @@ def mlflow_run(params: Params, tags: dict[str, str]):
 
 
 def write_outputs(table: pd.DataFrame, per_image: pd.DataFrame, numbers: dict, unavailable: dict,
-                  args: argparse.Namespace, stack: ExitStack) -> None:
-    """Write the report files to temporary files that `stack` renames into place when it closes."""
+                  args: argparse.Namespace, stack: ExitStack, headline_dir: Path) -> None:
+    """Write the report files to temporary files that `stack` renames into place when it closes,
+    and the headline files into `headline_dir` (a staged folder)."""
+    for method, named in headline(numbers, sorted(table.scale.unique())).items():
+        (headline_dir / f"{method}.json").write_text(json.dumps(named, indent=2, sort_keys=True) + "\n")
     for path, text in (
         (args.metrics, json.dumps(numbers, indent=2, sort_keys=True) + "\n"),
         (args.unavailable, json.dumps(unavailable, indent=2, sort_keys=True) + "\n"),
@@ -214,11 +265,18 @@ def main() -> None:
                         help="why a metric has no number in --metrics")
     parser.add_argument("--scales", type=Path, default=ROOT / "reports" / "scales.csv")
     parser.add_argument("--per-image", type=Path, default=ROOT / "reports" / "per_image.csv")
+    parser.add_argument("--headline", type=Path, default=None,
+                        help="folder of <method>.json headline metrics, DVC's metrics (default: headline/ beside --metrics)")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "idm" / "model.pt",
                         help="the checkpoint evaluated as method 'idm'")
-    parser.add_argument("--model-uri", help="evaluate only this registered model (e.g. models:/idm@champion), outside DVC")
+    parser.add_argument("--int8", type=Path, default=None,
+                        help="the int8 denoiser of method 'idm-int8' (default: ../idm-int8/model_int8.pt "
+                             "beside the checkpoint's folder)")
+    parser.add_argument("--model-uri", help="evaluate only this registered model (e.g. models:/idm@champion), "
+                                            "or 'bicubic', outside DVC")
     parser.add_argument("--label", default="idm", help="method name for --model-uri results")
     args = parser.parse_args()
+    args.headline = args.headline or args.metrics.parent / "headline"
     params = load(args.params)
     tracking.setup()  # an unavailable MLflow store fails here, before any work
     manifest = pd.read_csv(args.prepared / "manifest.csv")
@@ -230,12 +288,13 @@ def main() -> None:
     scorers = load_scorers(params.evaluate, device)
     unavailable = scorers.unavailable
     # Exits in reverse order: the report files are renamed into place, then data/sr is swapped.
-    with staged_dir(args.sr_out) as sr_dir, ExitStack() as reports:
-        methods = model_uri_method(args, params, device) if args.model_uri else build_methods(params, args.checkpoint, device)
+    with staged_dir(args.sr_out) as sr_dir, staged_dir(args.headline) as headline_dir, ExitStack() as reports:
+        methods = (model_uri_method(args, params, device) if args.model_uri
+                   else build_methods(params, args.checkpoint, device, args.int8))
         per_image = pd.concat([run_method(m, pairs, args.prepared, out_dir=sr_dir, lpips=scorers.lpips,
                                           niqe=scorers.niqe) for m in methods], ignore_index=True)
         table = summarize(per_image)
-        mark_niqe_gaps(table, per_image, unavailable)
+        mark_gaps(table, per_image, pairs, unavailable)
         if scorers.inception is not None:
             cfg = params.evaluate
             scores, missing = inception_by_group(
@@ -247,7 +306,7 @@ def main() -> None:
                                  for r in table.itertuples()]
             unavailable.update(missing)
         numbers = metrics_dict(table)
-        write_outputs(table, per_image, numbers, unavailable, args, reports)
+        write_outputs(table, per_image, numbers, unavailable, args, reports, headline_dir)
     extra_tags = {"model_uri": args.model_uri} if args.model_uri else trained_model_tags(args.checkpoint, params)
     log_to_mlflow(params, table, numbers, unavailable, args.scales, extra_tags)
     if not args.model_uri:

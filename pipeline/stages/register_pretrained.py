@@ -14,9 +14,8 @@ from pathlib import Path
 
 from idm.files import atomic_path
 from idm.pretrained import manifest, weights
+from pipeline.registry import PRETRAINED as ALIAS
 from pipeline.stages import run
-
-ALIAS = "pretrained"
 
 
 def register(out: Path) -> dict:

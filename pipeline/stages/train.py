@@ -5,7 +5,12 @@ Outputs (default models/idm/): checkpoint.pt (full state, for resuming), model.p
 run id and model version). An interrupted run resumes from checkpoint.pt; a finished
 or incompatible one is set aside and training starts afresh. Runs unchanged under
 `torchrun --nproc-per-node N -m pipeline.stages.train` (DDP; rank 0 logs and saves), which
-the stage starts itself on CPU with `train.processes` > 1.
+the stage starts itself on CPU with `train.processes` > 1 (`launch_processes`).
+
+One run per output folder: rank 0 holds a lock beside checkpoint.pt for the whole run
+(idm.checkpoint.exclusive_writer), and a second training of the same folder stops with one
+`error:` line naming the PID that holds it. DDP processes die with the process that started
+them (`die_with_parent`), so a killed stage never leaves workers rewriting its checkpoint.
 
 MLflow: an unavailable or locked store stops the stage before training starts
 (pipeline.tracking.setup, one `error:` line). A finished run is never lost to the store:
@@ -18,12 +23,15 @@ without training it again.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import hashlib
 import json
+import logging
 import os
 import signal
-import subprocess
 import sys
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,8 @@ import torch
 from idm.checkpoint import (
     CheckpointError,
     check_same_configs,
+    check_weights,
+    exclusive_writer,
     load_checkpoint,
     save_checkpoint,
 )
@@ -132,6 +142,8 @@ def resume_blocker(path: Path, params: Params) -> str | None:
         current = {"model_config": asdict(params.model), "diffusion_config": asdict(params.diffusion),
                    "train_config": asdict(params.train)}
         check_same_configs(ckpt, current, may_change={"train_config": RESUMABLE_CHANGES}, source=str(path))
+        for part in ("model", "ema"):  # resuming loads them into a model of the current config
+            check_weights(params.model, ckpt[part], source=str(path))
     except (CheckpointError, ValueError) as err:
         return str(err)
     if ckpt["step"] >= params.train.steps:
@@ -153,11 +165,7 @@ def sample_logger(params: Params, images: list[np.ndarray] | DecodedImages, devi
     """
     import mlflow
 
-    from idm.diffusion.sampling import (
-        SAMPLER_FUNCTIONS,
-        spaced_timesteps,
-        super_resolve,
-    )
+    from idm.diffusion.sampling import spaced_timesteps, super_resolve
     from idm.diffusion.schedule import schedule_for
     from idm.diffusion.targets import decoder
     from idm.resize import to_model_range, to_uint8
@@ -167,21 +175,23 @@ def sample_logger(params: Params, images: list[np.ndarray] | DecodedImages, devi
     hr, lr = make_pair(center_crop(first, 128), 4)
     d, s = params.diffusion, params.sample  # the sample looks like what evaluate will produce
     schedule = schedule_for(d)
-    timesteps = spaced_timesteps(d.timesteps, min(s.steps, d.timesteps), s.spacing)
+    # at least one step: with the `fidelity` preset (steps 0) the preview is still a diffusion sample
+    timesteps = spaced_timesteps(d.timesteps, max(1, min(s.steps, d.timesteps)), s.spacing)
     decode = decoder(params.train.target, params.train.residual_scale)
 
     @torch.inference_mode()
     def log_sample(step: int, model: torch.nn.Module) -> None:
         generator = torch.Generator(device).manual_seed(s.seed)
         out = super_resolve(model.to(device).eval(), to_model_range(lr, device), hr.shape[:2], timesteps,
-                            schedule=schedule, sampler=SAMPLER_FUNCTIONS[s.sampler], eta=s.eta,
-                            temperature=s.temperature, decode=decode, generator=generator)
+                            schedule=schedule, sample=s, decode=decode, generator=generator)
         mlflow.log_image(np.concatenate([to_uint8(out), hr], axis=1), key="sample_x4", step=step)
 
     return log_sample
 
 
 def main() -> None:
+    if "WORLD_SIZE" in os.environ:  # a DDP process (ours or a hand-typed torchrun's)
+        die_with_parent()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared")
@@ -205,60 +215,136 @@ def main() -> None:
     later = streamed and int(os.environ.get("RANK", "0")) > 0
     images, inputs = (None, None) if later else training_data()
     device = resolve_device(params.train_stage.device)
+    ckpt_path = args.out / "checkpoint.pt"
     if params.train_stage.processes > 1 and device.type == "cpu" and "WORLD_SIZE" not in os.environ:
         from pipeline.tracking import setup
 
         setup()  # likewise an unavailable store: one error line
         del images  # the processes read their own
-        sys.exit(launch_processes(params.train_stage.processes, params.train_stage.threads or 1))
+        sys.exit(launch_processes(params.train_stage.processes, params.train_stage.threads or 1, ckpt_path))
     info = setup_distributed(device)
     if streamed and info.world_size > 1:
         torch.distributed.barrier()
     if later:
         images, inputs = training_data()
-    try:
-        ckpt_path = args.out / "checkpoint.pt"
+    with contextlib.ExitStack() as held:
+        held.callback(cleanup_distributed)
         if info.rank == 0:
             args.out.mkdir(parents=True, exist_ok=True)
-            if awaits_registration(args.out, params, inputs):  # fit() resumes it at its last step: nothing to train
-                print(f"{ckpt_path} is a finished run on these images that was not registered: registering it "
-                      "without training again")
-            else:
-                (args.out / PENDING).unlink(missing_ok=True)
-                reason = resume_blocker(ckpt_path, params)
-                if reason is None:
-                    print(f"resuming from {ckpt_path}")
-                elif ckpt_path.exists():
-                    print(f"starting afresh: {reason}")
-                    os.replace(ckpt_path, ckpt_path.with_suffix(".pt.old"))
+            held.enter_context(exclusive_writer(ckpt_path, owner=int(os.environ.get(LAUNCHER, os.getpid()))))
+            prepare_output(args.out, params, inputs)
         if info.world_size > 1:
             torch.distributed.barrier()
         if info.rank == 0:
             train_and_register(params, images, info.device, args.out, inputs, alias=args.alias)
         else:
             fit(params.model, params.diffusion, params.train, images, device=info.device, ckpt_path=ckpt_path)
-    finally:
-        cleanup_distributed()
 
 
-def launch_processes(processes: int, threads: int) -> int:
-    """Run this stage again as `processes` DDP processes of `threads` threads each (torchrun,
-    standalone, on this machine) and return their exit code: on 2 CPU cores the fastest
+def prepare_output(out: Path, params: Params, inputs: str) -> None:
+    """Rank 0, holding the lock: decide whether out/checkpoint.pt is registered as is, resumed, or
+    set aside (as checkpoint.pt.old) for a fresh start, and say which."""
+    ckpt_path = out / "checkpoint.pt"
+    if awaits_registration(out, params, inputs):  # fit() resumes it at its last step: nothing to train
+        print(f"{ckpt_path} is a finished run on these images that was not registered: registering it "
+              "without training again")
+        return
+    (out / PENDING).unlink(missing_ok=True)
+    reason = resume_blocker(ckpt_path, params)
+    if reason is None:
+        print(f"resuming from {ckpt_path}")
+    elif ckpt_path.exists():
+        print(f"starting afresh: {reason}")
+        os.replace(ckpt_path, ckpt_path.with_suffix(".pt.old"))
+
+
+# ---------------------------------------------------------------- DDP processes
+
+LAUNCHER = "IDM_TRAIN_LAUNCHER"  # set by launch_processes for its DDP processes: its PID
+STOPPED = 143  # exit code of a DDP process stopped by its launcher or by another process's death
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """In a DDP process: have Linux SIGKILL it when its parent (launch_processes, or torchrun) ends,
+    however that ends, and exit at once if the launcher that started it is already gone (it died
+    before the request took effect). Why: an orphan would go on rewriting the checkpoint."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    parent = os.getppid()  # under a hand-typed torchrun its PID is unknown: only the request above holds
+    if os.environ.get(LAUNCHER, str(parent)) != str(parent):
+        print("error: the training launcher ended before this DDP process started; exiting", file=sys.stderr)
+        sys.exit(STOPPED)
+
+
+def worker_main() -> None:
+    """main() in a DDP process of launch_processes: stopped by the launcher (SIGINT, SIGTERM) or
+    by another process's death (a collective fails), it exits quietly with STOPPED, since the
+    launcher reports the run's one cause; errors of its own it reports itself (pipeline.stages.run)."""
+    try:
+        main()
+    except (KeyboardInterrupt, torch.distributed.DistError):
+        sys.exit(STOPPED)
+    except RuntimeError as err:  # DDP's gradient all-reduce reports a lost peer as gloo's RuntimeError
+        if "/gloo/" not in str(err):
+            raise
+        sys.exit(STOPPED)
+
+
+def launch_processes(processes: int, threads: int, ckpt_path: Path) -> int:
+    """Run this stage again as `processes` DDP processes of `threads` threads each and return the
+    exit code (torchrun's elastic agent, standalone, in this process): on 2 CPU cores the fastest
     layout (bench/README.md, "Training layout").
 
-    Ctrl-C or SIGTERM here is passed on as SIGTERM, which the processes turn into a clean
-    stop at their last checkpoint (pipeline.stages.run).
+    The processes are children of this one and die with it (die_with_parent). torchrun's logs
+    go nowhere (no log folder in TMPDIR); the run ends in at most one `error:` line: the
+    failing process's own, `interrupted` (Ctrl-C or SIGTERM here: the processes stop, the last
+    checkpoint stands) or `training worker R died (signal N)`.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-           "-m", "pipeline.stages.train", *sys.argv[1:]]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    if ckpt_path.parent.is_dir():
+        with exclusive_writer(ckpt_path):  # another training of this folder: refused before any start-up
+            pass
+    os.environ.update({LAUNCHER: str(os.getpid()), "OMP_NUM_THREADS": str(threads)})  # the processes inherit them
+    config, cmd, cmd_args = config_from_args(get_args_parser().parse_args([
+        "--nnodes=1", f"--nproc-per-node={processes}", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+        f"--rdzv-id={uuid.uuid4()}", f"--log-dir={os.devnull}", "-m", "pipeline.stages.train", *sys.argv[1:]]))
     print(f"training in {processes} DDP processes x {threads} thread(s)", flush=True)
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    logging.disable(logging.CRITICAL)  # the agent's own log lines; failures come back as exceptions
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait()
-        raise
+        elastic_launch(config, cmd)(*cmd_args)
+        return 0
+    except SignalException:  # the agent has stopped the processes
+        raise KeyboardInterrupt from None
+    except ChildFailedError as err:
+        return failure_exit(err.failures)
+    finally:
+        logging.disable(logging.NOTSET)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def failure_exit(failures: dict[int, Any]) -> int:
+    """The exit code of a failed DDP run from its processes' ({rank: ProcessFailure}); prints the
+    run's error line unless a process printed its own (exit code 2) or a traceback (1)."""
+    codes = {rank: failure.exitcode for rank, failure in sorted(failures.items())}
+    for own in (2, 1):
+        if own in codes.values():
+            return own
+    stops = (STOPPED, -signal.SIGTERM, -signal.SIGINT)  # how the agent stops the others once one failed
+    rank, code = sorted(codes.items(), key=lambda item: (item[1] in stops, item[1] >= 0))[0]
+    how = f"died (signal {-code})" if code < 0 else f"stopped (exit code {code})"
+    cut = any(c < 0 for c in codes.values())  # a killed process may have left its progress bar's line open
+    print(f"{chr(10) if cut else ''}error: training worker {rank} {how}; the last checkpoint is kept", file=sys.stderr)
+    return 2
 
 
 def recipe_description(params: Params, n_params: int, n_images: int) -> str:
@@ -305,4 +391,4 @@ def train_and_register(params: Params, images: list[np.ndarray] | DecodedImages,
 
 
 if __name__ == "__main__":
-    run(main)
+    run(worker_main if LAUNCHER in os.environ and "WORLD_SIZE" in os.environ else main)

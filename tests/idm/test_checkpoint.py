@@ -1,8 +1,11 @@
-"""Checkpoints: round trip, atomic writes, weights-only loading, damaged files, config checks."""
+"""Checkpoints: round trip, atomic writes, weights-only loading, damaged files, config checks, one writer."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from idm.checkpoint import (
     CheckpointError,
     build_model,
     check_same_configs,
+    exclusive_writer,
     load_checkpoint,
     make_checkpoint,
     rng_state,
@@ -193,3 +197,61 @@ def test_rng_state_restores_every_generator_through_a_file(tmp_path: Path) -> No
     draws()  # move every generator on
     set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"][0], gen, CPU)
     assert draws() == expected
+
+
+def test_a_second_writer_is_refused_naming_the_lock_and_its_holder(tmp_path: Path) -> None:
+    path, lock = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.pt.lock"
+    with exclusive_writer(path, owner=4321):
+        assert lock.read_text() == "4321\n"
+        with pytest.raises(CheckpointError, match=r"checkpoint\.pt is being written by another training \(PID 4321, "
+                                                  r"which holds .*checkpoint\.pt\.lock\)"):
+            with exclusive_writer(path):  # a second open file: flock refuses it even in this process
+                pass
+        assert lock.read_text() == "4321\n", "the refused writer changed nothing"
+    assert not lock.exists(), "the lock file goes with its holder"
+    with exclusive_writer(path):
+        assert lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_lock_held_by_another_process_is_released_when_it_is_killed(tmp_path: Path) -> None:
+    """The kernel drops a killed holder's lock; its stale file (and PID) never blocks the next writer."""
+    path, lock = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.pt.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, b'777\\n')\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(CheckpointError, match="PID 777"):
+            with exclusive_writer(path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.read_text() == "777\n"
+    with exclusive_writer(path, owner=5):
+        assert lock.read_text() == "5\n"
+    assert not lock.exists()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("payload", [_RunsCode(), {"model": frozenset([1])}], ids=["reduce-to-os.system", "frozenset"])
+def test_a_checkpoint_with_python_objects_is_refused_by_name_without_weights_only_advice(tmp_path, payload):
+    from idm.checkpoint import load_plain
+
+    path = tmp_path / "evil.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_plain(path, what="checkpoint")
+    message = str(caught.value)
+    assert "refusing to load: it references the Python object" in message and "\n" not in message
+    assert "weights_only=False" not in message and "corrupt" not in message

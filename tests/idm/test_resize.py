@@ -88,3 +88,10 @@ def test_16_bit_arrays_keep_their_precision_through_the_model_range_and_resize()
     assert up.dtype == np.uint16 and up.shape == (8, 16, 3)
     eight = resize_uint8((deep // 257).astype(np.uint8).repeat(4, 0).repeat(4, 1), (8, 16))
     assert np.abs(up.astype(int) / 257 - eight).max() <= 1  # the same filter at both depths
+
+
+def test_resize_uint8_gives_a_c_contiguous_array():
+    """Image libraries that take the buffer (Pillow's frombuffer, ncnn) ignore numpy strides."""
+    img = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    out = resize_uint8(img, (14, 18))
+    assert out.shape == (14, 18, 3) and out.flags["C_CONTIGUOUS"]

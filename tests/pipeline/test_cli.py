@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from idm.checkpoint import make_checkpoint, save_checkpoint
 from idm.config import DiffusionConfig, ModelConfig, SampleConfig, TrainConfig
@@ -112,7 +114,7 @@ def test_upscale_to_size(tmp_path, checkpoint):
     r = idm("upscale", tmp_path / "a.png", "--size", "57x31", "--model", checkpoint, "--steps", "1", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert read_image(tmp_path / "a_57x31.png").shape == (31, 57, 3)
-    assert r.stdout.strip().endswith("(57x31)")  # one piece: no tiling to report
+    assert re.search(r"\(57x31\) in \d+\.\d s$", r.stdout.strip()), r.stdout  # one piece: no tiling to report; its time
 
 
 def test_tiled_output_matches_requested_size(tmp_path, checkpoint):
@@ -235,7 +237,8 @@ def test_threads_flag_sets_and_reports_the_cpu_threads(tmp_path, checkpoint):
             "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     capability = torch.backends.cpu.get_cpu_capability()
-    assert r.stdout.splitlines()[0] == f"CPU: 1 threads, {capability} kernels, float32, channels-last"
+    assert r.stdout.splitlines()[0] == (f"CPU: 1 threads, {capability} kernels, float32, channels-last; "
+                                        "diffusion, ddim 1 steps, temperature 0")
     bad = idm("upscale", tmp_path / "a.png", "--scale", "2", "--model", checkpoint, "--threads", "-1", "--out", tmp_path)
     assert bad.returncode == 2 and "--threads must be an integer >= 0" in bad.stderr, bad.stderr
 
@@ -253,3 +256,112 @@ def test_preset_then_flags(argv, expected):
     args = build_parser().parse_args(["upscale", "x.png", "--scale", "2", "--out", "o", *argv])
     sample = sample_config(args)
     assert (sample.steps, sample.temperature) == expected
+
+
+def test_the_default_of_a_model_without_regression_is_the_balanced_preset(tmp_path, checkpoint):
+    """One rule (idm.config.default_preset) for the CLI and the served model: here DDIM 2 at T 0."""
+    Image.fromarray(photo(12, 10)).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", "--scale", "2", "--model", checkpoint, "--out", tmp_path / "default")
+    b = idm("upscale", tmp_path / "a.png", "--scale", "2", "--model", checkpoint, "--preset", "balanced",
+            "--out", tmp_path / "balanced")
+    assert r.returncode == b.returncode == 0, r.stderr + b.stderr
+    assert "diffusion, ddim 2 steps, temperature 0" in r.stdout
+    assert (read_image(tmp_path / "default" / "a_x2.png") == read_image(tmp_path / "balanced" / "a_x2.png")).all()
+
+
+def test_real_esrgan_style_short_flags_and_a_fixed_tile(tmp_path, regression_checkpoint):
+    Image.fromarray(photo(40, 36)).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", "-s", "2", "-t", "20", "--model", regression_checkpoint,
+            "-o", tmp_path / "tiled.png")
+    assert r.returncode == 0, r.stderr
+    assert "in 9 tiles of 20 LR px (--tile 20)" in r.stdout  # 3 x 3: 20 px tiles overlapping by 8 cover 40 x 36
+    whole = idm("upscale", tmp_path / "a.png", "-s", "2", "-t", "0", "--model", regression_checkpoint,
+                "-o", tmp_path / "whole.png")
+    assert whole.returncode == 0 and "tiles" not in whole.stdout, whole.stderr
+    tiled, one = read_image(tmp_path / "tiled.png"), read_image(tmp_path / "whole.png")
+    assert tiled.shape == one.shape == (80, 72, 3)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tile-n", "tile"], "unrecognized arguments: --tile-n tile"),  # no abbreviations of --tile-norm
+    (["--temp", "1"], "unrecognized arguments: --temp 1"),
+    (["-t", "8"], "--tile must be 0 (automatic) or an integer > 8"),
+    (["--suffix", "../x"], "'../x': must be part of a file name"),
+    (["--suffix", "a/b"], "'a/b': must be part of a file name"),
+    (["--keep-aspect"], "--keep-aspect needs --size"),
+])
+def test_flags_that_are_refused_in_one_line(tmp_path, checkpoint, flags, message):
+    Image.fromarray(photo(8, 8)).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", "--scale", "2", "--model", checkpoint, "--out", tmp_path / "out", *flags)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_scale_with_an_underscore_is_not_read_as_a_bigger_number():
+    from pipeline.cli import parse_scale
+
+    assert parse_scale("1.5") == 1.5 and parse_scale("3.7") == 3.7
+    with pytest.raises(Exception, match="got '1_5'"):
+        parse_scale("1_5")
+
+
+def test_out_equal_to_an_input_folder_and_hidden_files(tmp_path, checkpoint):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(photo(8, 8)).save(folder / "a.png")
+    (folder / "._a.png").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS metadata beside a.png: skipped
+    r = idm("upscale", folder, "--scale", "2", "--model", checkpoint, "--out", folder)
+    assert r.returncode == 2 and "is also an input folder; write the outputs to another folder" in r.stderr
+    r = idm("upscale", folder, "--scale", "2", "--model", checkpoint, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x2.png"]
+
+
+def test_one_long_image_shows_progress(tmp_path, checkpoint):
+    Image.fromarray(photo(12, 10)).save(tmp_path / "a.png")
+    r = idm("upscale", tmp_path / "a.png", "--scale", "2", "--model", checkpoint, "--steps", "5", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "a.png:   0%|" in r.stderr and "| 0/5 [" in r.stderr  # a bar of the 5 denoiser steps (redrawn on a terminal)
+
+
+BLOCK_PIPELINE = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):  # what `pip install .` (no pipeline extra) does not install
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"mlflow", "dvc", "prefect", "pandas", "skimage", "matplotlib", "torchvision",
+                                  "torchmetrics", "torch_fidelity", "lpips", "skvideo", "scipy"}:
+            raise ImportError(f"No module named {name!r}")
+sys.meta_path.insert(0, Block())
+from pipeline.entry import main
+main(sys.argv[1:])
+"""
+
+
+def test_idm_upscale_needs_only_the_core_dependencies(tmp_path):
+    """`pip install .` gives torch, numpy, Pillow, OpenCV, tqdm and PyYAML: enough for the shipped model."""
+    Image.fromarray(photo(20, 24)).save(tmp_path / "a.png")
+    r = subprocess.run([sys.executable, "-c", BLOCK_PIPELINE, "upscale", str(tmp_path / "a.png"), "-s", "2",
+                        "-o", str(tmp_path / "out.png")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert read_image(tmp_path / "out.png").shape == (40, 48, 3)
+    uri = subprocess.run([sys.executable, "-c", BLOCK_PIPELINE, "upscale", str(tmp_path / "a.png"), "-s", "2",
+                          "--model", "models:/idm@champion", "-o", str(tmp_path / "uri.png")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert uri.returncode == 2 and uri.stderr.count("\n") == 1, uri.stderr
+    assert "model URIs need MLflow" in uri.stderr and "pip install -e '.[pipeline]'" in uri.stderr
+
+
+def test_the_progress_bar_never_changes_what_the_network_returns(monkeypatch):
+    """A forward hook that returns a value replaces the module's output; tqdm.update returns True when it redraws."""
+    from types import SimpleNamespace
+
+    from pipeline.cli import network_progress
+
+    monkeypatch.setattr(tqdm, "update", lambda self, n=1: True)
+    net = torch.nn.Conv2d(3, 3, 1)
+    method = SimpleNamespace(model=net, sample=SampleConfig(steps=2))
+    x = torch.rand(1, 3, 4, 4)
+    with network_progress(method, total=2, name="x"), torch.no_grad():
+        out = net(x)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, net(x).detach())

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import TINY, fabricated_weights, photo, stage_store_client
+from tests.helpers import TINY, fabricated_weights, photo, stage_store_client, tiny_train_section
 from tests.pipeline.data.test_fetch import send, server  # noqa: F401 (server is a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +85,16 @@ def test_stage_deps_cover_the_code_it_runs(stage: str) -> None:
     assert all((ROOT / d).exists() for d in deps if not d.startswith(("data/", "models/", "reports/")))
 
 
+TRAIN_RUNTIME = {"threads", "workers", "log_every", "checkpoint_every"}  # how fast and how often, not what
+
+
+def test_train_lists_every_key_that_changes_what_it_learns_and_no_other() -> None:
+    listed = {p for p in _stages()["train"]["params"] if p.startswith("train.")}
+    in_params = set(yaml.safe_load((ROOT / "params.yaml").read_text())["train"])
+    assert listed == {f"train.{k}" for k in in_params - TRAIN_RUNTIME}
+    assert "train" not in _stages()["train"]["params"]  # not the whole section
+
+
 def test_inference_and_evaluation_code_is_not_a_train_dependency() -> None:
     stages = _stages()
     train = [d if isinstance(d, str) else next(iter(d)) for d in stages["train"]["deps"]]
@@ -110,7 +120,8 @@ def project(tmp_path: Path, image_folder: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["datasets"] = [{"name": "tiny", "source": "folder", "path": str(image_folder), "test_fraction": 0.5}]
     params["prepare"] = {"scales": [2], "ood_scales": [4], "seed": 0}  # two scales keep the run short
-    params.update({k: v for k, v in TINY.items() if k != "evaluate"})
+    params.update({k: v for k, v in TINY.items() if k not in ("evaluate", "train")})
+    params["train"] = tiny_train_section()
     params["evaluate"].update(lpips=False, fid=False, device="cpu", methods=["bicubic", "idm", "idm-int8"])
     params["report"].update(crop=16)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -177,6 +188,17 @@ def test_dvc_repro_runs_every_stage_then_is_up_to_date(project, server, tmp_path
 
     second = dvc(project, "repro")
     assert second.returncode == 0 and "Data and pipelines are up to date." in second.stdout
+    # Importing the code writes bytecode next to it; DVC must not see a changed dependency.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "idm", "pipeline"], cwd=project, check=True)
+    assert list((project / "idm" / "diffusion").glob("__pycache__/*.pyc"))
+    status = dvc(project, "status")
+    assert status.returncode == 0 and "Data and pipelines are up to date." in status.stdout, status.stdout
+    # Run-time settings (threads, input workers, logging) never retrain.
+    edited = yaml.safe_load((project / "params.yaml").read_text())
+    edited["train"].update(threads=2, workers=1, log_every=7, checkpoint_every=3)
+    (project / "params.yaml").write_text(yaml.safe_dump(edited))
+    assert "train" not in json.loads(dvc(project, "status", "--json").stdout)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
 
     shown = dvc(project, "metrics", "show", "--json")
     assert "psnr_y.tiny.x2" in shown.stdout and "NIQE's minimum" not in shown.stdout  # numbers only

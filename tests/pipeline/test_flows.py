@@ -90,11 +90,16 @@ def scores(quality: float, drop: float = 0.0) -> dict:
             "in_distribution": ["tiny.x2", "tiny.x3"]}
 
 
+BICUBIC_QUALITY = 25.0  # the fake bicubic baseline's score
+
+
 def fake_evaluator(fail_on: str | None = None):
     """Scores a model by its fake_quality tag; raises while evaluating `fail_on` (a label)."""
     def evaluate(model_uri: str, label: str, project: Path) -> dict:
         if label == fail_on:
             raise RuntimeError(f"evaluation of the {label} crashed")
+        if model_uri == flows.BICUBIC:
+            return scores(BICUBIC_QUALITY)
         version = model_uri.rsplit("/", 1)[1]
         return scores(float(mlflow.MlflowClient().get_model_version(MODEL_NAME, version).tags["fake_quality"]))
     return evaluate
@@ -155,6 +160,15 @@ def test_a_hostile_or_bad_params_file_stops_the_pipeline_flow_before_dvc_reads_i
     (project / "params.yaml").write_text(good)
     with pytest.raises(ParamsError, match="unknown key prepare.seeed"):
         flows.pipeline(overrides={"prepare.seeed": 1}, project=str(project))
+    # An override is a value of params.yaml, never another file: the run fails, naming it and the allowed form.
+    state = flows.pipeline(overrides={"dvc.yaml:stages.download.cmd": "touch pwned"}, project=str(project),
+                           return_state=True)
+    assert state.is_failed()
+    assert "override \"dvc.yaml:stages.download.cmd='touch pwned'\": 'dvc.yaml:stages.download.cmd' is not a key " \
+           "of params.yaml (no file prefix, no +, ~ or spaces); use section.key=value" in state.message
+    with pytest.raises(flows.OverrideError, match=r"^override 'datasets=\[\]': datasets cannot be overridden"):
+        flows.pipeline(overrides={"datasets": []}, project=str(project))
+    assert not (project / "pwned").exists() and (project / "params.yaml").read_text() == good
 
 
 def test_overrides_are_written_in_the_grammar_of_dvc_exp_run_set():
@@ -163,7 +177,7 @@ def test_overrides_are_written_in_the_grammar_of_dvc_exp_run_set():
     )
 
     parse = OverridesParser.create().parse_overrides
-    for value in (1, 2.5, "a b", "it's", True, None, [2, 2.5], {"b": 1, "c": [1, "x", {"e": 2.5}]}):
+    for value in (1, 2.5, 1e-07, "a b", "it's", "é", "a:b", "1,2", True, None, [2, 2.5], {"b": 1, "c": [1, "x", {"e": 2.5}]}):
         assert parse([f"key={flows.override_value(value)}"])[0].value() == value
 
 
@@ -205,7 +219,7 @@ def test_a_second_flow_run_waits_for_the_workspace_or_fails_clearly(tmp_path):
 @pytest.mark.slow
 def test_first_model_becomes_champion_then_better_is_promoted_and_worse_rejected(train_project):
     first = flows.retrain(project=str(train_project), evaluator=fake_evaluator())
-    assert first["promoted"] and "first model" in first["reason"]
+    assert first["promoted"] and first["reason"].startswith("no champion yet; passes the gate against bicubic")
     assert champion() == first["candidate"] == first["champion_after"] == "1"
     assert registry.version_tags("1")["promotion"] == "accepted"
     assert {"train", "retrain-candidate-v1", "promotion-v1"} <= set(first["runs"])  # MLflow runs of this flow run
@@ -227,6 +241,20 @@ def test_first_model_becomes_champion_then_better_is_promoted_and_worse_rejected
     # Nothing changed: DVC skips train, and the same version is not judged twice.
     again = flows.retrain(project=str(train_project), evaluator=fake_evaluator())
     assert again["candidate"] == "3" and again["reason"].startswith("already rejected") and champion() == "2"
+
+
+@pytest.mark.slow
+def test_a_first_candidate_must_beat_the_shipped_model_and_bicubic(train_project):
+    """No champion yet: the gate compares with the `pretrained` version and bicubic instead of promoting anything."""
+    shipped = register_fake_model(30.5, alias=registry.PRETRAINED)
+    first = flows.retrain(project=str(train_project), evaluator=fake_evaluator())  # quality 30.0 < 30.5
+    assert not first["promoted"] and champion() is None
+    assert first["reason"].startswith("no champion yet, so compared with the shipped pretrained model: mean psnr_y")
+    assert "changed by -0.500" in first["reason"] and first["candidate"] != shipped
+    set_quality(train_project, 31.0)
+    second = flows.retrain(project=str(train_project), evaluator=fake_evaluator())
+    assert second["promoted"] and champion() == second["candidate"]
+    assert "against the shipped pretrained model and bicubic" in second["reason"]
 
 
 @pytest.mark.slow

@@ -72,6 +72,32 @@ def test_pyfunc_predicts_what_diffusion_sr_gives(registered, monkeypatch: pytest
         model.predict(lr, params={"scale": 2.0, "temperature": 2.0})
 
 
+def test_the_served_default_is_the_cli_default_and_presets_apply(registered) -> None:
+    """No sampling params: the model's default (here the regression output), as `idm upscale` gives."""
+    ckpt, version = registered
+    model = mlflow.pyfunc.load_model(f"models:/idm/{version}")
+    lr = photo(10, 12, 3)
+    default = model.predict(lr, params={"scale": 2.0})
+    np.testing.assert_array_equal(default, DiffusionSR.from_checkpoint(ckpt).use_default_sample()(lr, (20, 24)))
+    np.testing.assert_array_equal(default, model.predict(lr, params={"scale": 2.0, "preset": "fidelity"}))
+    balanced = model.predict(lr, params={"scale": 2.0, "preset": "balanced"})
+    want = DiffusionSR.from_checkpoint(ckpt, SampleConfig(sampler="ddim", steps=2, temperature=0.0))(lr, (20, 24))
+    np.testing.assert_array_equal(balanced, want)
+    with pytest.raises(BadInput, match="preset must be one of"):
+        model.predict(lr, params={"scale": 2.0, "preset": "sharp"})
+
+
+def test_a_request_above_the_work_bound_is_refused_before_any_work(registered, monkeypatch) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/idm/{registered[1]}")
+    wrapper = model.unwrap_python_model()
+    monkeypatch.setattr(wrapper, "max_work_mpx", 0.001)  # 1,000 output pixels x passes
+    calls = []
+    monkeypatch.setattr(type(wrapper.method), "__call__", lambda *a: calls.append(a))
+    with pytest.raises(BadInput, match=r"asks for 0\.0 output Mpx x passes, above the server's 0\.001"):
+        model.predict(photo(20, 20, 1), params={"scale": 2.0, "steps": 3})  # 1,600 px x 3 passes
+    assert calls == []
+
+
 def test_a_missing_alias_says_which_aliases_the_pipeline_sets(registered, tmp_path: Path) -> None:
     from pipeline.mlflow_model import checkpoint_from_uri
 
@@ -162,8 +188,9 @@ def test_the_readme_serving_example_runs_against_mlflow_models_serve(registered,
         return lines.replace("models:/idm@candidate", f"models:/idm/{version}").replace(
             "5002", str(port)).replace("$PWD/.venv/bin", str(Path(sys.executable).parent))
 
-    lr = photo(16, 20, 2)
+    lr = np.random.default_rng(0).integers(0, 256, (600, 700, 3), dtype=np.uint8)  # noise: a PNG above 1 MB
     Image.fromarray(lr).save(tmp_path / "photo.png")
+    assert (tmp_path / "photo.png").stat().st_size > 2**20
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(["bash", "-c", adapt(server) + "\nwait"], cwd=tmp_path, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -183,13 +210,14 @@ def test_the_readme_serving_example_runs_against_mlflow_models_serve(registered,
                               timeout=120)
         assert done.returncode == 0, done.stderr
         served = np.asarray(Image.open(tmp_path / "photo_x2.5.png"))
-        assert served.shape == (40, 50, 3)
+        assert served.shape == (1500, 1750, 3)
         model = mlflow.pyfunc.load_model(f"models:/idm/{version}")
         here = model.predict(lr, params={"scale": 2.5})
         assert np.abs(served.astype(int) - here).max() <= 1  # same model and seed; float order may differ
 
         url = f"http://127.0.0.1:{port}/invocations"
-        status, body = post(url, {"inputs": np.stack([lr, lr]).tolist(), "params": {"scale": 2, "steps": 1}})
+        small = lr[:16, :20]
+        status, body = post(url, {"inputs": np.stack([small, small]).tolist(), "params": {"scale": 2, "steps": 1}})
         assert status == 200 and np.asarray(body["predictions"]).shape == (2, 32, 40, 3)
         for request, reason in [
             ({"dataframe_records": [{"image": png_b64(lr)}], "params": {"scale": 0.5}},
@@ -197,6 +225,8 @@ def test_the_readme_serving_example_runs_against_mlflow_models_serve(registered,
             ({"inputs": np.full((8, 8, 3), 300).tolist()}, "pixel values must be integers in [0, 255]"),
             ({"dataframe_records": [{"image": base64.b64encode(b"no image").decode()}]},
              "image[0]: not a readable image"),
+            ({"dataframe_records": [{"image": png_b64(lr)}], "params": {"scale": 4, "steps": 5}},
+             "this request asks for 33.6 output Mpx x passes, above the server's 4"),
         ]:
             status, body = post(url, request)
             assert status == 400 and body["message"].startswith(reason), body
@@ -209,3 +239,45 @@ def test_the_readme_serving_example_runs_against_mlflow_models_serve(registered,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def test_a_file_too_large_for_the_work_bound_is_refused_from_its_header(registered) -> None:
+    from tests.reliability.test_cli_inputs import _huge_png
+
+    model = mlflow.pyfunc.load_model(f"models:/idm/{registered[1]}")
+    files = pd.DataFrame({"image": [base64.b64encode(_huge_png(13000, 13000)).decode()]})  # 169 Mpx declared
+    with pytest.raises(BadInput, match=r"image\[0\]: .*13000"):
+        model.predict(files, params={"scale": 2.0})
+
+
+def test_requests_beyond_the_concurrency_limit_wait_then_are_refused_as_busy(registered, monkeypatch) -> None:
+    import threading
+
+    model = mlflow.pyfunc.load_model(f"models:/idm/{registered[1]}")
+    wrapper = model.unwrap_python_model()
+    monkeypatch.setattr(wrapper, "slots", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(wrapper, "queue_seconds", 0.05)
+    wrapper.slots.acquire()  # another request is computing
+    with pytest.raises(BadInput, match=r"the server is busy with 1 request\(s\)"):
+        model.predict(photo(8, 8, 1), params={"scale": 2.0})
+    wrapper.slots.release()
+    assert model.predict(photo(8, 8, 1), params={"scale": 2.0}).shape == (16, 16, 3)  # the slot was given back
+
+
+def test_a_failure_inside_the_model_is_one_line_without_a_stack_trace(registered, monkeypatch) -> None:
+    from pipeline.mlflow_model import ModelFailure
+
+    model = mlflow.pyfunc.load_model(f"models:/idm/{registered[1]}")
+    wrapper = model.unwrap_python_model()
+
+    def broken(*args):
+        raise RuntimeError("CUDA out of memory at /srv/models/secret/path.py:12\nmore lines")
+
+    monkeypatch.setattr(type(wrapper.method), "__call__", broken)
+    with pytest.raises(ModelFailure) as caught:
+        model.predict(photo(8, 8, 1), params={"scale": 2.0})
+    assert caught.value.message == ("the model failed on this request: RuntimeError: CUDA out of memory at "
+                                    "/srv/models/secret/path.py:12")
+    assert caught.value.get_http_status_code() == 500 and "stack_trace" not in caught.value.serialize_as_json()
+    with pytest.raises(BadInput, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        model.predict(photo(8, 8, 1), params={"scale": 2.0, "seed": 2**70})

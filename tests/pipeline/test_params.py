@@ -197,3 +197,74 @@ def test_flatten_names_datasets():
     assert flat["datasets.tiny.source"] == "folder"
     assert flat["prepare.seed"] == 0
     assert flat["evaluate.methods"] == ("bicubic",)
+
+
+@pytest.mark.parametrize("section", sorted(P.section_keys()))
+def test_section_keys_are_the_keys_parse_accepts(section):
+    """pipeline.overrides allows exactly these keys: the ones parse lists as allowed."""
+    with pytest.raises(P.ParamsError) as err:
+        parse(**{section: {"zz_unknown": 1}})
+    allowed = __import__("ast").literal_eval(str(err.value).split("allowed keys: ")[1])
+    assert sorted(allowed) == list(P.section_keys()[section])
+    assert "datasets" not in P.section_keys() and set(P.section_keys()) | {"datasets"} == set(P.SECTIONS)
+
+
+def test_a_float_with_an_exponent_and_no_dot_is_a_float(tmp_path):
+    """As in YAML 1.2: `dvc exp run -S` writes an overridden 1e-7 as `1e-07` (PyYAML alone reads a string)."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "train: {lr: 1e-07, steps: 1_000}\ndiffusion: {beta_start: 2E-6, beta_end: .5e-1}\n")
+    p = P.load(path)
+    assert (p.train.lr, p.train.steps, p.diffusion.beta_start, p.diffusion.beta_end) == (1e-7, 1000, 2e-6, 0.05)
+    path.write_text(yaml.safe_dump(BASE) + "schedules: {timezone: 1e5x}\n")
+    assert P.load(path).schedules.timezone == "1e5x"
+
+
+def test_make_check_runs_the_params_check_alone():
+    makefile = (P.ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ncheck: ")[1].split("\n\n")[0]
+    assert recipe.splitlines()[1:] == ["\t$(VENV)/bin/python -m pipeline.params"]
+    assert "check hooks" in makefile.split(".PHONY: ")[1].split("\n")[0]
+
+
+def test_the_pre_commit_hook_refuses_a_params_file_that_fails_the_check(tmp_path):
+    """`make hooks` in a scratch clone, then real commits: an alias bomb is refused, a good file passes."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("pipeline", "idm"):
+        shutil.copytree(P.ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "scripts").mkdir()
+    shutil.copy(P.ROOT / "scripts" / "pre-commit", repo / "scripts" / "pre-commit")
+    shutil.copy(P.ROOT / "Makefile", repo / "Makefile")
+    venv = repo / ".venv" / "bin"  # the hook checks with the clone's .venv/bin/python
+    venv.mkdir(parents=True)
+    (venv / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (venv / "python").chmod(0o755)
+    (repo / ".gitignore").write_text(".venv/\n")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)
+
+    run(*git, "init", "-q")
+    installed = run("make", "-s", "hooks")
+    assert installed.returncode == 0 and "installed" in installed.stdout, installed.stderr
+    good = yaml.safe_dump({"datasets": [{**BASE["datasets"][0], "test_fraction": 0.5}]})
+    (repo / "params.yaml").write_text(good)
+    run(*git, "add", "-A")
+    assert run(*git, "commit", "-qm", "good").returncode == 0
+    lines = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    (repo / "params.yaml").write_text(good + "\n".join(lines) + "\n")
+    run(*git, "add", "params.yaml")
+    refused = run(*git, "commit", "-qm", "bomb")
+    assert refused.returncode != 0
+    assert refused.stderr.splitlines() == [
+        "error: params.yaml: line 7: aliases (*name) are not allowed: a few of them can expand the file into "
+        "gigabytes; write the values out",
+        "pre-commit: the staged params.yaml fails the check above; fix it (or commit with --no-verify)"]
+    assert run("git", "rev-list", "--count", "HEAD").stdout.strip() == "1"
+    assert run("make", "-s", "hooks").returncode == 0  # installing again is a no-op

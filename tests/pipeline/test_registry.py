@@ -40,6 +40,25 @@ def test_first_model_is_promoted():
     assert d.table.champion.isna().all()
 
 
+def test_without_a_champion_the_candidate_must_beat_the_shipped_model_and_bicubic():
+    shipped, bicubic = evaluation(0.5), evaluation(-1.0)
+    references = {"the shipped pretrained model": shipped, "bicubic": bicubic}
+    weak = decide(evaluation(0.2), None, GATE, references)  # above bicubic, below the shipped model
+    assert not weak.promote
+    assert weak.reason.startswith("no champion yet, so compared with the shipped pretrained model: mean psnr_y")
+    assert "changed by -0.300 (needs >= +0.050)" in weak.reason
+    assert weak.table.champion.round(6).eq(weak.table.candidate.round(6) + 0.3).all()  # the table is the shipped one's
+    below_bicubic = decide(evaluation(-1.1), None, GATE, {"bicubic": bicubic, "the shipped model": None})
+    assert not below_bicubic.promote and "compared with bicubic" in below_bicubic.reason
+    assert "dropped by" not in below_bicubic.reason
+    drops_once = decide(evaluation(1.0, drop=("psnr_y.Set5.x8", 2.0)), None, GATE, references)
+    assert not drops_once.promote and "psnr_y dropped by 1.500 on Set5 x8" in drops_once.reason
+    strong = decide(evaluation(0.8), None, GATE, references)
+    assert strong.promote and strong.reason.startswith(
+        "no champion yet; passes the gate against the shipped pretrained model and bicubic: mean psnr_y")
+    assert "improved by +0.300" in strong.reason
+
+
 def test_better_candidate_is_promoted_with_the_improvement_in_the_reason():
     d = decide(evaluation(0.3), evaluation(), GATE)
     assert d.promote, d.reason

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from tests.conftest_prefect import make_project, real_stages
-from tests.helpers import TINY
+from tests.helpers import TINY, tiny_train_section
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULTS = Path(__file__).parent / "faults"  # holds the sitecustomize.py that injects IDM_FAULT
@@ -89,6 +89,7 @@ def tiny_params(images: Path, *, test_fraction: float = 0.5, **sections: dict[st
         **{k: dict(v) for k, v in TINY.items()},
         "report": {"crop": 16, "grid_scales": [2]},
     }
+    params["train"] = tiny_train_section()
     params["train"]["threads"] = 1
     params["evaluate"] = {"methods": ["bicubic", "idm", "idm-int8"], "device": "cpu", "lpips": False, "fid": False}
     for name, values in sections.items():

@@ -5,7 +5,9 @@ removed, interrupts ending in one line with nothing half-written."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -21,6 +23,7 @@ from PIL import Image
 from pipeline import cli
 from pipeline.data.images import ImageReadError, probe_image, read_image
 from tests.helpers import ROOT, photo
+from tests.reliability.harness import FAULTS
 from tests.pipeline.test_cli import checkpoint  # noqa: F401 -- an untrained tiny model (T = 50), module-scoped
 
 pytestmark = pytest.mark.reliability
@@ -100,9 +103,9 @@ def test_a_tiny_file_declaring_a_huge_canvas_is_refused_from_its_header(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_the_memory_bound_counts_the_input_when_the_output_is_small(checkpoint, tmp_path, capsys):  # noqa: F811
-    """A 1200 x 1200 input asked for a 40 x 40 output: the LR encoder's features at the
-    input's size, not the output, decide the memory; under --no-tiling that is refused."""
+def test_the_memory_bound_counts_the_input_and_a_smaller_size_is_refused(checkpoint, tmp_path, capsys):  # noqa: F811
+    """The LR encoder's features at the input's size count in the memory estimate, not only the
+    output's; and a --size not larger than the input is refused before any decode (idm only enlarges)."""
     from idm.checkpoint import build_model, load_checkpoint
     from idm.inference.memory import estimate_peak_bytes
 
@@ -110,11 +113,11 @@ def test_the_memory_bound_counts_the_input_when_the_output_is_small(checkpoint, 
     with_input = estimate_peak_bytes(cfg, (40, 40), lr_size=(1200, 1200))
     assert with_input > 1.2 * estimate_peak_bytes(cfg, (40, 40))
     (tmp_path / "big.png").write_bytes(_png(1200, 1200))
-    bound = f"{(with_input - 2**20) / 2**30:.4f}"
-    code, lines = _run(["upscale", str(tmp_path / "big.png"), "--size", "40x40", "--model", str(checkpoint),
-                        "--steps", "1", "--max-memory-gb", bound, "--no-tiling", "--out", str(tmp_path / "out")],
-                       capsys)
-    assert code == 2 and "above the bound" in lines[-1], lines
+    for size in ("40x40", "1200x1300", "2400x1200"):
+        code, lines = _run(["upscale", str(tmp_path / "big.png"), "--size", size, "--model", str(checkpoint),
+                            "--out", str(tmp_path / "out")], capsys)
+        assert code == 2 and "is not larger than the input (1200x1200) in both directions" in lines[-1], lines
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kind", ["gif", "tiff", "png"])
@@ -157,14 +160,29 @@ def test_a_registered_model_load_leaves_no_temporary_folder(checkpoint, tmp_path
     assert code == 2 and "--steps must be an integer in [1, 50]" in lines[-1] and _temp_dirs(scratch) == []
 
 
-def _start_upscale(model: Path, image: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def _start_upscale(model: Path, image: Path, out: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     # A shell's background job (CI under nohup or `&`) ignores SIGINT, and a child inherits that:
-    # give it the default Ctrl-C, as in a terminal.
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "upscale", str(image), "--scale", "4",
+    # give it the default Ctrl-C, as in a terminal. `python -m pipeline.entry` is the `idm` command.
+    return subprocess.Popen([sys.executable, "-m", "pipeline.entry", "upscale", str(image), "--scale", "4",
                              "--model", str(model), "--steps", "50", "--out", str(out)],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    """What `proc` wrote to stderr up to and including the first `text`, however long a loaded machine takes."""
+    seen, deadline = "", time.monotonic() + timeout
+    while text not in seen:
+        char = proc.stderr.read(1)
+        assert char and time.monotonic() < deadline, f"no {text!r} from the process: {seen}"
+        seen += char
+    return seen
+
+
+def _lines(err: str) -> list[str]:
+    """stderr's lines without progress-bar redraws (tqdm rewrites its line with carriage returns)."""
+    return [line for line in re.split(r"[\r\n]", err) if line.strip() and "%|" not in line]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -173,13 +191,31 @@ def test_an_interrupt_ends_in_one_line_exit_130_and_leaves_no_temporary_file(che
     (tmp_path / "a.png").write_bytes(_png(192, 192))
     out = tmp_path / "out"
     proc = _start_upscale(checkpoint, tmp_path / "a.png", out)
-    time.sleep(8)  # loaded and sampling (50 steps of a 768 px output take longer than this)
-    assert proc.poll() is None, proc.stderr.read()
+    seen = _wait_for(proc, "%|")  # the progress bar of the denoiser's 50 steps: loaded and sampling
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
-    assert proc.returncode == 130 and len(lines) == 1 and lines[0].startswith("idm: interrupted"), err
+    lines = _lines(seen + err)
+    assert proc.returncode == 130 and len(lines) == 1 and lines[0].startswith("idm: interrupted"), seen + err
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.parametrize("module", ["torch", "pipeline.data.images", "pipeline.cli"])
+def test_an_interrupt_during_start_up_ends_in_one_line_exit_130(checkpoint, tmp_path, module):  # noqa: F811
+    """Ctrl-C while the command is still importing (torch takes seconds): no import traceback."""
+    (tmp_path / "a.png").write_bytes(_png(16, 16))
+    marker = tmp_path / "importing"
+    fault = {"IDM_FAULT": json.dumps({"kind": "pause-import", "module": module, "marker": str(marker)}),
+             "PYTHONPATH": f"{FAULTS}{os.pathsep}{ROOT}"}
+    proc = _start_upscale(checkpoint, tmp_path / "a.png", tmp_path / "out", env=fault)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and _lines(err) == [
+        "idm: interrupted before any work started; nothing was written"], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_later_input_that_cannot_fit_stops_the_run_before_the_first_output(checkpoint, tmp_path,  # noqa: F811

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from idm.config import MODEL_PRESETS, SCHEDULES
+from idm.config import MODEL_PRESETS, SCHEDULES, SampleConfig
 from idm.diffusion.loss import training_loss
 from idm.diffusion.noise import noise_levels
 from idm.diffusion.prediction import PREDICTIONS, to_eps, training_target
@@ -192,7 +192,8 @@ def test_condition_is_computed_once_per_image(tiny_model: IDM, monkeypatch: pyte
         monkeypatch.setattr(module, "forward", counted)
     schedule = make_schedule("linear", 2000)
     out = super_resolve(tiny_model, torch.rand(2, 3, 5, 6) * 2 - 1, (12, 15), [2000, 1500, 900, 400, 10],
-                        schedule=schedule, generator=torch.Generator().manual_seed(0))
+                        schedule=schedule, sample=SampleConfig(sampler="ddpm", eta=1.0, temperature=1.0),
+                        generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 12, 15)
     assert calls == {"encoder": 1, "pyramid": 1, "unet": 5}
 
@@ -287,17 +288,18 @@ def test_bad_prediction_in_the_model_config_lists_the_choices() -> None:
 # ---------------------------------------------------------------- temperature
 
 
-def test_temperature_zero_is_deterministic_and_one_is_the_default(tiny_model: IDM) -> None:
+def test_temperature_zero_is_deterministic_and_the_noise_scales_with_it(tiny_model: IDM) -> None:
     schedule = make_schedule("linear", 2000)
     lr = torch.rand(1, 3, 5, 6) * 2 - 1
 
-    def run(seed: int, **kwargs) -> Tensor:
-        return super_resolve(tiny_model, lr, (10, 12), [2000, 1000, 10], schedule=schedule, sampler=sample_ddim,
-                             generator=torch.Generator().manual_seed(seed), **kwargs)
+    def run(seed: int, temperature: float) -> Tensor:
+        return super_resolve(tiny_model, lr, (10, 12), [2000, 1000, 10], schedule=schedule,
+                             sample=SampleConfig(sampler="ddim", temperature=temperature),
+                             generator=torch.Generator().manual_seed(seed))
 
-    torch.testing.assert_close(run(0, temperature=0.0), run(1, temperature=0.0), atol=0, rtol=0)
-    torch.testing.assert_close(run(0), run(0, temperature=1.0), atol=0, rtol=0)
-    assert not torch.allclose(run(0), run(1))
+    torch.testing.assert_close(run(0, 0.0), run(1, 0.0), atol=0, rtol=0)
+    assert not torch.allclose(run(0, 1.0), run(1, 1.0))
+    assert not torch.allclose(run(0, 1.0), run(0, 0.5))
     for bad in (-0.1, 1.5, float("nan"), True):
         with pytest.raises(ValueError, match="temperature must be a number in"):
             run(0, temperature=bad)

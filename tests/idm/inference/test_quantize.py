@@ -181,3 +181,24 @@ def test_a_damaged_file_is_refused_naming_it(models, tmp_path: Path) -> None:
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"truncated\.pt: corrupt or truncated int8 model"):
         load_quantized(tmp_path / "truncated.pt")
+
+
+def test_an_int8_file_whose_config_does_not_fit_its_weights_is_refused_before_building(models, tmp_path: Path) -> None:
+    """A valid digest is no proof: a crafted file may declare a huge model around small weights."""
+    from idm.checkpoint import CheckpointError, content_digest
+
+    _, int8 = models
+    save_quantized(int8, tmp_path / "model_int8.pt")
+    blob = torch.load(tmp_path / "model_int8.pt", weights_only=True)
+    blob["model_config"]["encoder_channels"] = 1_000_000
+    blob.pop("sha256")
+    blob["sha256"] = content_digest(blob)
+    torch.save(blob, tmp_path / "huge.pt")
+    with pytest.raises(CheckpointError, match=r"huge\.pt's weights do not fit its model_config: encoder_channels"):
+        load_quantized(tmp_path / "huge.pt")
+    blob = torch.load(tmp_path / "model_int8.pt", weights_only=True)
+    name = next(iter(blob["state"]))
+    blob["state"][name] = torch.zeros(1).expand(10**9)  # 4 GB claimed, 4 bytes stored
+    torch.save(blob, tmp_path / "view.pt")
+    with pytest.raises(ValueError, match=r"view\.pt: not an int8 model written by idm: it holds a tensor of shape"):
+        load_quantized(tmp_path / "view.pt")

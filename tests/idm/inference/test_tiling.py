@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from idm.config import MODEL_PRESETS, DiffusionConfig, SampleConfig
 from idm.diffusion.loss import training_loss
-from idm.diffusion.sampling import sample_ddim, spaced_timesteps, super_resolve
+from idm.diffusion.sampling import spaced_timesteps, super_resolve
 from idm.diffusion.schedule import make_schedule
 from idm.diffusion.targets import decode, encode
 from idm.inference import tiling
@@ -78,11 +78,11 @@ def test_tiled_diffusion_matches_untiled_within_0_05_db(trained_tiny) -> None:
 
     def run(tiled: bool) -> torch.Tensor:
         g = torch.Generator().manual_seed(1)
+        sample = SampleConfig(sampler="ddim", eta=0.0, temperature=1.0, tile_overlap=16, tile_context=0)
         if tiled:
-            sample = SampleConfig(sampler="ddim", eta=0.0, temperature=1.0, tile_overlap=16, tile_context=0)
             x0 = tiled_super_resolve(model, lr, size, steps, schedule=schedule, sample=sample, tile=40, generator=g)
         else:
-            x0 = super_resolve(model, lr, size, steps, schedule=schedule, sampler=sample_ddim, eta=0.0, generator=g)
+            x0 = super_resolve(model, lr, size, steps, schedule=schedule, sample=sample, generator=g)
         return decode(x0, lr, size, "residual", 0.5)
 
     untiled, tiled = run(False), run(True)
@@ -110,8 +110,9 @@ def test_image_norm_tiles_a_groupnorm_network_like_the_whole_image() -> None:
     nearest-feature lookup breaks those ties differently in floating point for a tile.)"""
     model, schedule, steps = _one_level_idm(), make_schedule("linear", 1000), spaced_timesteps(1000, 3)
     lr, size = _image(20, 30), (60, 90)
-    kw = dict(schedule=schedule, sampler=sample_ddim, eta=0.0, clip_x0=False)
-    whole = super_resolve(model, lr, size, steps, generator=torch.Generator().manual_seed(2), **kw)
+    whole = super_resolve(model, lr, size, steps, schedule=schedule, clip_x0=False,
+                          sample=SampleConfig(sampler="ddim", eta=0.0, temperature=1.0),
+                          generator=torch.Generator().manual_seed(2))
     out = {norm: tiled_super_resolve(model, lr, size, steps, schedule=schedule, clip_x0=False, tile=10,
                                      sample=SampleConfig(eta=0.0, temperature=1.0, tile_overlap=3, tile_context=48,
                                                          tile_norm=norm),
@@ -168,8 +169,9 @@ def test_image_norm_brings_the_full_model_closer_to_untiled(trained_tiny) -> Non
     left comes from attention and the receptive field beyond the tile's context."""
     model, schedule = trained_tiny
     lr, size, steps = resize(_image(144, 192), (48, 64)).clamp(-1, 1), (144, 192), spaced_timesteps(1000, 3)
-    kw = dict(schedule=schedule, sampler=sample_ddim, eta=0.0)
-    whole = super_resolve(model, lr, size, steps, generator=torch.Generator().manual_seed(1), **kw)
+    whole = super_resolve(model, lr, size, steps, schedule=schedule,
+                          sample=SampleConfig(sampler="ddim", eta=0.0, temperature=1.0),
+                          generator=torch.Generator().manual_seed(1))
     sample = SampleConfig(eta=0.0, temperature=1.0, tile_overlap=8, tile_context=24)
     agreement = {norm: _psnr(tiled_super_resolve(model, lr, size, steps, schedule=schedule, tile=24,
                                                  sample=dataclasses.replace(sample, tile_norm=norm),

@@ -153,3 +153,63 @@ def test_16_bit_colour_is_read_and_written_at_16_bits(tmp_path):
     with pytest.raises(ValueError, match="16-bit images are written as PNG only"):
         write_image(tmp_path / "out.jpg", deep)
     assert to_8_bit(np.array([0, 128, 257, 65535], np.uint16)).tolist() == [0, 0, 1, 255]
+
+
+def test_list_images_skips_hidden_files(tmp_path):
+    """macOS writes an AppleDouble `._name` beside each copied file; no dot-file is an image."""
+    for name in ("b.png", "A.JPG", "._b.png", ".hidden.png", "notes.txt"):
+        Image.fromarray(photo(4, 4)).save(tmp_path / name, format="PNG") if name.endswith("png") else \
+            (tmp_path / name).write_bytes(b"\x00\x05\x16\x07 Mac OS X")
+    (tmp_path / "sub.png").mkdir()
+    assert [p.name for p in list_images(tmp_path)] == ["A.JPG", "b.png"]
+
+
+def test_32_bit_and_float_grey_are_rescaled_not_clipped(tmp_path):
+    from pipeline.data.images import to_8_bit
+
+    wide = np.array([[0, 257, 32768, 65535, 70000, -5]], np.int32)
+    Image.fromarray(wide).save(tmp_path / "i32.tif")
+    assert read_image(tmp_path / "i32.tif")[..., 0].tolist() == [[0, 1, 128, 255, 255, 0]]
+    low = np.array([[0, 7, 255]], np.int32)  # all <= 255: already 8-bit levels
+    Image.fromarray(low).save(tmp_path / "low.tif")
+    assert read_image(tmp_path / "low.tif")[..., 0].tolist() == [[0, 7, 255]]
+    unit = np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)  # floats in [0, 1]
+    Image.fromarray(unit).save(tmp_path / "f.tif")
+    assert read_image(tmp_path / "f.tif")[..., 0].tolist() == [[0, 64, 128, 255]]
+    assert to_8_bit(np.arange(65536, dtype=np.uint16).reshape(256, 256)).ravel().tolist() == \
+        np.round(np.arange(65536) / 257).astype(int).tolist()
+
+
+def test_decoding_holds_at_most_decoded_bytes(tmp_path):
+    """numpy's share of the decode of a 16-bit grey image turned by its orientation (its
+    conversion is the most memory-hungry path) stays within DECODE_BYTES_PER_PIXEL minus
+    Pillow's own 4-byte buffer, which tracemalloc does not see."""
+    import tracemalloc
+
+    from pipeline.data.images import DECODE_BYTES_PER_PIXEL
+    from tests.helpers import exif_bytes
+
+    for mode, arr in (("I;16", (np.arange(512 * 384) % 65536).astype(np.uint16).reshape(384, 512)),
+                      ("I", (np.arange(512 * 384) * 3).astype(np.int32).reshape(384, 512)),
+                      ("F", np.linspace(0, 1, 512 * 384, dtype=np.float32).reshape(384, 512))):
+        path = tmp_path / f"{mode[0]}.tif"
+        Image.fromarray(arr).save(path, exif=exif_bytes(Orientation=6))
+        assert Image.open(path).mode == mode
+        tracemalloc.start()
+        try:
+            out = read_image(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert out.shape == (512, 384, 3)
+        assert peak <= (DECODE_BYTES_PER_PIXEL - 4) * arr.size, f"{mode}: {peak / arr.size:.1f} bytes a pixel"
+
+
+@pytest.mark.parametrize("magic", [b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n", b"P6\n8 8\n255\n" + bytes(192),
+                                   b"\x00\x00\x01\x00\x01\x00\x08\x08\x00\x00\x01\x00\x18\x00"])  # EPS, PPM, ICO
+def test_a_file_of_another_format_under_an_image_name_is_refused(tmp_path, magic):
+    """Pillow chooses a decoder by content: only the project's formats may be used (no Ghostscript for EPS)."""
+    path = tmp_path / "photo.png"
+    path.write_bytes(magic)
+    with pytest.raises(ImageReadError, match="photo.png"):
+        read_image(path)

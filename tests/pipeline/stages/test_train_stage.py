@@ -100,6 +100,7 @@ def test_train_stage_starts_its_own_ddp_processes(trained, tmp_path):
     r = stage("train", "--params", params, "--prepared", trained["prepared"], "--out", tmp_path / "models")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "training in 2 DDP processes x 1 thread(s)" in r.stdout
+    assert not (tmp_path / "models" / "checkpoint.pt.lock").exists(), "rank 0 let go of the folder at the end"
     ckpt = load_checkpoint(tmp_path / "models" / "checkpoint.pt")
     assert ckpt["step"] == raw["train"]["steps"] and len(ckpt["rng"]) == 2
     record = json.loads((tmp_path / "models" / "registered.json").read_text())
@@ -122,3 +123,44 @@ def record_inputs(trained) -> str:
     from pipeline.stages.train import inputs_digest, read_training_images
 
     return inputs_digest(read_training_images(trained["prepared"]))
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_set_aside_not_resumed(tmp_path, image_folder):
+    """Configs equal to params.yaml's but tensors of another shape: resuming would fail inside
+    load_state_dict, so the stage starts afresh and says why."""
+    from dataclasses import asdict
+
+    from idm.checkpoint import make_checkpoint, save_checkpoint
+    from idm.config import ModelConfig
+    from idm.models import IDM
+    from pipeline.params import load
+    from pipeline.stages.train import resume_blocker
+    from tests.reliability.harness import tiny_params
+    from tests.reliability.harness import write_params as write_raw
+
+    params = load(write_raw(tmp_path / "params.yaml", tiny_params(image_folder)))
+    other = IDM(ModelConfig(**{**asdict(params.model), "base_channels": 2 * params.model.base_channels})).state_dict()
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(make_checkpoint(model_config=params.model, diffusion_config=params.diffusion,
+                                    train_config=params.train, model=other, ema=other, optimizer={}, step=1, rng=[]),
+                    path)
+    reason = resume_blocker(path, params)
+    assert reason is not None and reason.startswith(f"{path}'s weights do not fit its model_config: the config "
+                                                    "implies"), reason
+
+
+@pytest.mark.parametrize("codes, exit_code, line", [
+    ({0: 2, 1: 143}, 2, ""),  # rank 0 printed its own error line; rank 1 was stopped
+    ({0: -15, 1: 1}, 1, ""),  # rank 1's traceback is on stderr
+    ({0: -15, 1: -9}, 2, "\nerror: training worker 1 died (signal 9); the last checkpoint is kept\n"),
+    ({0: 143, 1: -11}, 2, "\nerror: training worker 1 died (signal 11); the last checkpoint is kept\n"),
+    ({0: 143, 1: 137}, 2, "error: training worker 1 stopped (exit code 137); the last checkpoint is kept\n"),
+])
+def test_a_failed_ddp_run_ends_in_at_most_one_error_line_naming_its_cause(capsys, codes, exit_code, line):
+    """The processes the agent stopped once another failed (SIGTERM, or exit 143) are never the cause."""
+    from types import SimpleNamespace
+
+    from pipeline.stages.train import failure_exit
+
+    assert failure_exit({rank: SimpleNamespace(exitcode=code) for rank, code in codes.items()}) == exit_code
+    assert capsys.readouterr().err == line

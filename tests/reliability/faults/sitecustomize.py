@@ -10,6 +10,8 @@ fault. IDM_FAULT is JSON, {"kind": ..., ...}:
 - pause-mid-save {step, marker}: while writing checkpoint.pt for `step`, stop half way
   through the bytes (flushed to disk), create `marker` and wait to be killed.
 - fail-register: registering the model in MLflow fails as if the server had gone away.
+- pause-import {module, marker}: when `module` is first imported, create `marker` and wait
+  there, inside the import, to be signalled or killed (an interrupt during start-up).
 
 The patch is applied when the target module is first imported (a meta-path hook), so a
 process that never imports it pays nothing.
@@ -103,7 +105,22 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+class _PauseOnImport(importlib.abc.MetaPathFinder):
+    """Wait inside the import of module `name`, forever, after creating `marker`."""
+
+    def __init__(self, fault: dict) -> None:
+        self.fault = fault
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname == self.fault["module"]:
+            _wait(self.fault["marker"], None)
+        return None
+
+
 if os.environ.get("IDM_FAULT"):
     _fault = json.loads(os.environ["IDM_FAULT"])
-    _name, _patch = TARGETS[_fault["kind"]]
-    sys.meta_path.insert(0, _PatchOnImport(_name, _patch, _fault))
+    if _fault["kind"] == "pause-import":
+        sys.meta_path.insert(0, _PauseOnImport(_fault))
+    else:
+        _name, _patch = TARGETS[_fault["kind"]]
+        sys.meta_path.insert(0, _PatchOnImport(_name, _patch, _fault))
