@@ -166,6 +166,45 @@ def readme_serving_example() -> tuple[str, str]:
     return server, client.split("\n", 1)[1]
 
 
+def group_rss(pgid: int) -> int:
+    """Resident bytes of every process in process group `pgid` (the server and its workers)."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            pid = int(status.parent.name)
+            if os.getpgid(pid) != pgid:
+                continue
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            total += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def hostile_burst_leaves_the_server_up(url: str, pgid: int, small: np.ndarray) -> None:
+    """50 hostile requests at once: each refused with a one-line 400, the server's memory grows by
+    less than 1 GiB, and a normal request is answered afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.reliability.test_cli_inputs import _huge_png
+
+    hostile = [
+        {"dataframe_records": [{"image": base64.b64encode(_huge_png(13000, 13000)).decode()}]},  # 169 Mpx declared
+        {"dataframe_records": [{"image": png_b64(small)}], "params": {"scale": 400, "steps": 5}},  # far over the work bound
+        {"dataframe_records": [{"image": "not base64!" * 1000}]},
+        {"inputs": np.full((64, 64, 3), 999).tolist()},
+        {"dataframe_records": [{"image": png_b64(small)}], "params": {"seed": 2**70}},
+    ]
+    before = group_rss(pgid)
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(lambda i: post(url, hostile[i % len(hostile)]), range(50)))
+    assert {status for status, _ in answers} == {400}, [a for a in answers if a[0] != 400][:2]
+    assert all("\n" not in body["message"] and "stack_trace" not in body for _, body in answers)
+    assert group_rss(pgid) - before < 2**30
+    status, body = post(url, {"inputs": small.tolist(), "params": {"scale": 2}})
+    assert status == 200 and np.asarray(body["predictions"]).shape == (32, 40, 3)
+
+
 def post(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -231,6 +270,7 @@ def test_the_readme_serving_example_runs_against_mlflow_models_serve(registered,
             status, body = post(url, request)
             assert status == 400 and body["message"].startswith(reason), body
             assert "\n" not in body["message"] and len(body["message"]) < 300
+        hostile_burst_leaves_the_server_up(url, proc.pid, lr[:16, :20])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
