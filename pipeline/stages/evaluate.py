@@ -241,9 +241,10 @@ def mlflow_run(params: Params, tags: dict[str, str]):
 
 
 def write_outputs(table: pd.DataFrame, per_image: pd.DataFrame, numbers: dict, unavailable: dict,
-                  args: argparse.Namespace, stack: ExitStack, headline_dir: Path) -> None:
-    """Write the report files to temporary files that `stack` renames into place when it closes,
-    and the headline files into `headline_dir` (a staged folder)."""
+                  args: argparse.Namespace, stack: ExitStack) -> None:
+    """Write the report files to temporary files, and the headline files into a staged folder, that
+    `stack` puts into place when it closes (nothing is created before: a failed run leaves no trace)."""
+    headline_dir = stack.enter_context(staged_dir(args.headline))
     for method, named in headline(numbers, sorted(table.scale.unique())).items():
         (headline_dir / f"{method}.json").write_text(json.dumps(named, indent=2, sort_keys=True) + "\n")
     for path, text in (
@@ -288,7 +289,7 @@ def main() -> None:
     scorers = load_scorers(params.evaluate, device)
     unavailable = scorers.unavailable
     # Exits in reverse order: the report files are renamed into place, then data/sr is swapped.
-    with staged_dir(args.sr_out) as sr_dir, staged_dir(args.headline) as headline_dir, ExitStack() as reports:
+    with staged_dir(args.sr_out) as sr_dir, ExitStack() as reports:
         methods = (model_uri_method(args, params, device) if args.model_uri
                    else build_methods(params, args.checkpoint, device, args.int8))
         per_image = pd.concat([run_method(m, pairs, args.prepared, out_dir=sr_dir, lpips=scorers.lpips,
@@ -306,7 +307,7 @@ def main() -> None:
                                  for r in table.itertuples()]
             unavailable.update(missing)
         numbers = metrics_dict(table)
-        write_outputs(table, per_image, numbers, unavailable, args, reports, headline_dir)
+        write_outputs(table, per_image, numbers, unavailable, args, reports)
     extra_tags = {"model_uri": args.model_uri} if args.model_uri else trained_model_tags(args.checkpoint, params)
     log_to_mlflow(params, table, numbers, unavailable, args.scales, extra_tags)
     if not args.model_uri:
