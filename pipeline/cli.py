@@ -12,12 +12,14 @@ atomically; every name is checked (no two outputs alike, no input overwritten) b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +82,7 @@ def parse_suffix(text: str) -> str:
 
 
 def parse_tile(text: str) -> int:
-    try:
-        tile = int(text)
-    except ValueError:
-        tile = -1
+    tile = int(text) if text.strip().isdigit() else -1
     if tile < 0 or 0 < tile <= SAMPLE.tile_overlap:
         raise argparse.ArgumentTypeError(f"--tile must be 0 (automatic) or an integer > {SAMPLE.tile_overlap} "
                                          f"(the tile overlap, LR px), got {text!r}")
@@ -261,8 +260,7 @@ def upscale(args: argparse.Namespace) -> None:
 
 def _upscale_one(method, job, size: tuple[int, int], tile: int | None, args: argparse.Namespace,
                  sample: SampleConfig) -> str:
-    """Read, upscale and write one input, with a progress bar of network calls when there are
-    several; returns the line that says what was written."""
+    """Read, upscale and write one input (a progress bar of its network calls); returns what was written."""
     from idm.inference.tiling import tile_starts
     from idm.inference.upscaler import upscale_channels
 
@@ -287,26 +285,23 @@ def _upscale_one(method, job, size: tuple[int, int], tile: int | None, args: arg
     return f"{job.src} ({lr.shape[1]}x{lr.shape[0]}) -> {job.out} ({size[1]}x{size[0]}{kept}){tiled}"
 
 
-class network_progress:
+@contextlib.contextmanager
+def network_progress(method, *, total: int, name: str) -> Iterator[None]:
     """A progress bar (stderr) of `total` network calls of `method` — denoiser steps x tiles, or the
     encoder's tiles for the regression output — shown when there is more than one, so one long
     image is never silent."""
+    module = method.model if method.sample.steps else method.model.encoder
+    bar = tqdm(total=total, desc=name, unit="step" if method.sample.steps else "tile", leave=False, disable=total < 2)
 
-    def __init__(self, method, *, total: int, name: str) -> None:
-        self.module = method.model if method.sample.steps else method.model.encoder
-        self.bar = tqdm(total=total, desc=name, unit="step" if method.sample.steps else "tile", leave=False,
-                        disable=total < 2)
+    def tick(*_: object) -> None:  # returns None: a hook's return value would replace the module's output
+        bar.update(1)
 
-    def __enter__(self) -> network_progress:
-        self.hook = self.module.register_forward_hook(self._tick)
-        return self
-
-    def _tick(self, *_: object) -> None:  # a hook returning a value would replace the module's output
-        self.bar.update(1)
-
-    def __exit__(self, *exc: object) -> None:
-        self.hook.remove()
-        self.bar.close()
+    hook = module.register_forward_hook(tick)
+    try:
+        yield
+    finally:
+        hook.remove()
+        bar.close()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -399,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
 
 if __name__ == "__main__":  # `python -m pipeline.entry` (the `idm` command) also answers Ctrl-C during imports
     main()

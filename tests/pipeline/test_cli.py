@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -302,7 +303,7 @@ def test_scale_with_an_underscore_is_not_read_as_a_bigger_number():
     from pipeline.cli import parse_scale
 
     assert parse_scale("1.5") == 1.5 and parse_scale("3.7") == 3.7
-    with pytest.raises(Exception, match="got '1_5'"):
+    with pytest.raises(argparse.ArgumentTypeError, match="got '1_5'"):
         parse_scale("1_5")
 
 
